@@ -1,0 +1,148 @@
+"""
+The packed Tiny ImageNet arrays (from prepare_tin.py) and the augmentation every stage shares,
+done on whole batches where the data lives (the GPU, or the CPU): no per-image Python, no workers.
+
+Random resized crop + flip is one linear map per image: each output row is a weighted sum of
+input rows, and likewise for columns. We build those (B, 64, 64) weight matrices with Pillow's
+bicubic resampling rule, which the reference's PIL pipeline uses, and apply them with two batched
+matrix products (columns first, rounding to whole pixel values after each pass, as Pillow does), so
+the result equals Pillow's crop + resize; a flip is the column matrix reversed.
+"""
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as the reference normalises
+STD = (0.229, 0.224, 0.225)
+
+
+def load_split(data_dir, split, device):
+    """uint8 images (N, H, W, 3) and int64 labels (N,) of 'train' or 'val', on `device`."""
+    paths = [os.path.join(data_dir, f"{split}_{kind}.npy") for kind in ("images", "labels")]
+    for path in paths:
+        if not os.path.exists(path):
+            raise SystemExit(f"error: {path} not found: pack the data set first with "
+                             f"'python prepare_tin.py' (data_dir={data_dir!r})")
+    images = torch.from_numpy(np.load(paths[0]))
+    labels = torch.from_numpy(np.load(paths[1]).astype(np.int64))
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(labels) != len(images):
+        raise SystemExit(f"error: {paths[0]} is not a uint8 (N, H, W, 3) array matching {paths[1]}")
+    return images.to(device), labels.to(device)
+
+
+def num_classes(data_dir):
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        return len(json.load(f)["classes"])
+
+
+def permutation(n, seed, epoch, device):
+    """The epoch's order of the training set: the same on every rank, fresh every epoch."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).to(device)
+
+
+def normalize(x):
+    """(B, 3, H, W) pixel values in [0, 255] -> the network's input."""
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255
+    return (x - mean) / std
+
+
+def to_float(images_u8):
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) with values in [0, 255]."""
+    return images_u8.permute(0, 3, 1, 2).float()
+
+
+# -----------------------------------------------------------------------------
+# random resized crop + horizontal flip
+
+def crop_boxes(B, H, W, scale, ratio=(3 / 4, 4 / 3), device="cpu"):
+    """torchvision's RandomResizedCrop.get_params for B images at once: (top, left, height, width),
+    integer tensors (B,). Ten attempts per image are drawn together and the first that fits is
+    taken, the same distribution as trying them one after another; a centre crop otherwise."""
+    area = H * W * torch.empty(B, 10, device=device).uniform_(*scale)
+    aspect = torch.exp(torch.empty(B, 10, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    w = torch.round(torch.sqrt(area * aspect))
+    h = torch.round(torch.sqrt(area / aspect))
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = fits.int().argmax(dim=1, keepdim=True)  # index of the first attempt that fits
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    # fallback when no attempt fits: the whole image, cut to the nearest allowed aspect ratio
+    if W / H < ratio[0]:
+        fw, fh = W, round(W / ratio[0])
+    elif W / H > ratio[1]:
+        fw, fh = round(H * ratio[1]), H
+    else:
+        fw, fh = W, H
+    found = fits.any(dim=1)
+    w = torch.where(found, w, torch.full_like(w, fw)).long()
+    h = torch.where(found, h, torch.full_like(h, fh)).long()
+    top = (torch.rand(B, device=device) * (H - h + 1)).long()
+    left = (torch.rand(B, device=device) * (W - w + 1)).long()
+    top = torch.where(found, top, (H - h) // 2)
+    left = torch.where(found, left, (W - w) // 2)
+    return top, left, h, w
+
+
+def bicubic(d, a=-0.5):
+    """Pillow's bicubic kernel (a = -0.5; torch.nn.functional.interpolate uses -0.75)."""
+    d = d.abs()
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return torch.where(d < 1, near, torch.where(d < 2, far, torch.zeros_like(d)))
+
+
+def resize_matrix(start, length, out_size, in_size):
+    """(B, out_size, in_size) weights that resize the span [start, start + length) of each image
+    axis to out_size pixels, as Pillow's resize of the cropped image (upsampling: taps that fall
+    outside the crop are dropped and the rest renormalised)."""
+    start, length = start.float().view(-1, 1, 1), length.float().view(-1, 1, 1)
+    centre = (torch.arange(out_size, device=start.device).view(1, -1, 1) + 0.5) * length / out_size
+    taps = torch.floor(centre - 1.5) + torch.arange(4, device=start.device).view(1, 1, 4)  # (B, S, 4)
+    weights = bicubic(taps + 0.5 - centre) * ((taps >= 0) & (taps < length))
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    index = (torch.minimum(taps.clamp(min=0), length - 1) + start).long()  # zero-weight taps: any valid index
+    m = torch.zeros(start.shape[0], out_size, in_size, device=start.device)
+    return m.scatter_add_(2, index, weights)
+
+
+def resample(x, rows, cols):
+    """x (B, C, H, W) -> (B, C, S, S) by the weights rows (B, S, H) and cols (B, S, W), with values
+    rounded and clipped to 0..255 after each pass as Pillow's two-pass resize does."""
+    x = (x @ cols.unsqueeze(1).transpose(2, 3)).round().clamp(0, 255)  # (B, C, H, S)
+    return (rows.unsqueeze(1) @ x).round().clamp(0, 255)
+
+
+def resized_crop(x, top, left, h, w, flip, out_size):
+    """Crop box (top, left, h, w) of each image of x (B, C, H, W), resized to out_size, and mirrored
+    where flip (B,) is True."""
+    rows = resize_matrix(top, h, out_size, x.shape[2])  # (B, S, H)
+    cols = resize_matrix(left, w, out_size, x.shape[3])  # (B, S, W)
+    cols = torch.where(flip.view(-1, 1, 1), cols.flip(1), cols)
+    return resample(x, rows, cols)
+
+
+def random_resized_crop_flip(x, scale, out_size=None):
+    """Each image of x (B, C, H, W, values 0..255) its own random resized crop and coin-flip mirror."""
+    B, _, H, W = x.shape
+    top, left, h, w = crop_boxes(B, H, W, scale, device=x.device)
+    flip = torch.rand(B, device=x.device) < 0.5
+    return resized_crop(x, top, left, h, w, flip, out_size or H)
+
+
+def random_flip(x):
+    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def resize_centre_crop(x, resize_to, out_size):
+    """The reference's evaluation transform: resize to resize_to, then the central out_size crop."""
+    B, _, H, W = x.shape
+    ones = torch.ones(B, device=x.device)
+    offset = int(round((resize_to - out_size) / 2.0))  # torchvision's centre-crop rounding
+    rows = resize_matrix(0 * ones, H * ones, resize_to, H)[:, offset:offset + out_size]
+    cols = resize_matrix(0 * ones, W * ones, resize_to, W)[:, offset:offset + out_size]
+    return resample(x, rows, cols)

@@ -1,0 +1,118 @@
+"""
+Figures of the report, from what the stage scripts write:
+
+    python plot.py --out_dir=out
+
+finds every pre-training log (log.jsonl) and evaluation results file (results.jsonl) under out_dir
+and writes out_dir/fig2_loss.png (pre-training loss per epoch), out_dir/fig3_accuracy.png (top-1
+against pre-training epoch, one line per method and recipe) and prints the results as a Markdown
+table. pretrain.py also calls plot_loss and save_reconstructions at each checkpoint.
+"""
+import glob
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen needed
+import matplotlib.pyplot as plt
+import torch
+
+from data import MEAN, STD
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_png(fig, path):
+    tmp = f"{path}.tmp{os.getpid()}.png"  # matplotlib picks the format from the extension
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_loss(log_paths, png_path):
+    """Figure 2: mean pre-training loss per epoch, one line per log."""
+    log_paths = [log_paths] if isinstance(log_paths, str) else log_paths
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for path in log_paths:
+        rows = read_jsonl(path)
+        ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows],
+                label=os.path.basename(os.path.dirname(os.path.abspath(path))))
+    ax.set(xlabel="epoch", ylabel="training loss (masked patches)", title="MAE pre-training loss")
+    ax.grid(alpha=0.3)
+    if len(log_paths) > 1:
+        ax.legend()
+    write_png(fig, png_path)
+
+
+def save_reconstructions(rows, png_path, title):
+    """A grid of images: one row per tensor in rows (each (B, 3, H, W), normalised as the network's
+    input): original, masked, reconstruction, reconstruction with the visible patches pasted back."""
+    names = ["original", "masked", "reconstruction", "+ visible"]
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    B = rows[0].shape[0]
+    fig, axes = plt.subplots(len(rows), B, figsize=(1.2 * B, 1.3 * len(rows)), squeeze=False)
+    for r, batch in enumerate(rows):
+        pictures = (batch.float().cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        for b in range(B):
+            axes[r, b].imshow(pictures[b])
+            axes[r, b].set_xticks([])
+            axes[r, b].set_yticks([])
+        axes[r, 0].set_ylabel(names[r], fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    write_png(fig, png_path)
+
+
+def plot_accuracy(results, png_path):
+    """Figure 3: top-1 against pre-training epoch, one line per (method, recipe)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, recipe in sorted({(r["method"], r["recipe"]) for r in results}):
+        points = sorted((r["pretrain_epoch"], r["top1"]) for r in results
+                        if (r["method"], r["recipe"]) == (method, recipe) and r["pretrain_epoch"] is not None)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=f"{method} ({recipe})")
+    ax.set(xlabel="pre-training epoch", ylabel="validation top-1 (%)", title="Tiny ImageNet, ViT-Lite MAE")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    write_png(fig, png_path)
+
+
+def markdown_table(results):
+    lines = ["| checkpoint | pre-training epoch | method | recipe | top-1 | top-5 | wall time | hardware |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["method"], r["recipe"], r["pretrain_epoch"] or 0)):
+        epoch = "none" if r["pretrain_epoch"] is None else f"{r['pretrain_epoch']:g}"
+        top5 = "" if r.get("top5") is None else f"{r['top5']:.2f}"
+        lines.append(f"| {r['checkpoint']} | {epoch} | {r['method']} | {r['recipe']} | {r['top1']:.2f} | "
+                     f"{top5} | {r['wall_s']:.0f} s | {r['hardware']} |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    out_dir = "out"
+    for arg in argv:
+        if not arg.startswith("--out_dir="):
+            raise SystemExit(f"error: unknown argument {arg!r}; usage: python plot.py --out_dir=DIR")
+        out_dir = arg.split("=", 1)[1]
+    if not os.path.isdir(out_dir):
+        raise SystemExit(f"error: out_dir {out_dir} is not a folder")
+    logs = sorted(glob.glob(os.path.join(out_dir, "**", "log.jsonl"), recursive=True))
+    result_files = sorted(glob.glob(os.path.join(out_dir, "**", "results.jsonl"), recursive=True))
+    if not logs and not result_files:
+        raise SystemExit(f"error: no log.jsonl or results.jsonl under {out_dir}")
+    if logs:
+        plot_loss(logs, os.path.join(out_dir, "fig2_loss.png"))
+        print(f"wrote {os.path.join(out_dir, 'fig2_loss.png')} from {len(logs)} log(s)")
+    results = [r for path in result_files for r in read_jsonl(path)]
+    if results:
+        plot_accuracy(results, os.path.join(out_dir, "fig3_accuracy.png"))
+        print(f"wrote {os.path.join(out_dir, 'fig3_accuracy.png')} from {len(results)} result(s)\n")
+        print(markdown_table(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,213 @@
+"""
+MAE pre-training of ViT-Lite on Tiny ImageNet. One GPU:
+
+    python pretrain.py config/tin.py
+
+several GPUs (the configured batch is the global one, split across the processes):
+
+    torchrun --standalone --nproc_per_node=4 pretrain.py config/tin.py
+
+a quick run on the CPU (pack the 10-class subset first, see README.md):
+
+    python pretrain.py config/tin_cpu.py
+
+The whole training set sits on the device as uint8; every step crops, flips and masks a batch with
+tensor ops. Output in out_dir: ckpt_{epoch}.pt every save_every epochs, ckpt_last.pt for resuming
+(--init_from=resume), log.jsonl (mean loss per epoch), loss.png and recon_{epoch}.png.
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import plot
+import runtime
+from configurator import configure
+from model import MAE, ViTConfig
+
+# -----------------------------------------------------------------------------
+# I/O
+data_dir = "data/tin"
+out_dir = "out/tin"
+init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt_last.pt)
+save_every = 100  # epochs between kept checkpoints ckpt_{epoch}.pt
+save_last_every_s = 60.0  # refresh ckpt_last.pt when this many seconds have passed (at a log point)
+log_interval = 50  # iterations between progress lines
+# model (the reference's ViT-Lite; a resumed run takes its model from the checkpoint)
+patch_size = 4
+embed_dim = 256
+depth = 7
+num_heads = 4
+mlp_ratio = 2.0
+decoder_embed_dim = 128
+decoder_depth = 2
+decoder_num_heads = 4
+mask_ratio = 0.75
+norm_pix_loss = True
+# optimisation
+batch_size = 256  # global, across all processes
+epochs = 1200
+warmup_epochs = 20
+blr = 5e-4  # lr = blr * batch_size / 256
+weight_decay = 0.15
+beta1 = 0.9
+beta2 = 0.95
+crop_scale = (0.2, 1.0)  # random resized crop's area range
+max_iters = 0  # stop after this many iterations in all, without changing the schedule (0: all epochs)
+# system
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+compile = torch.cuda.is_available()
+seed = 0
+# -----------------------------------------------------------------------------
+config = configure(globals(), sys.argv[1:])
+
+device, rank, world_size = runtime.setup_device(device, dtype, seed)
+master = rank == 0
+if batch_size % world_size:
+    raise SystemExit(f"error: batch_size={batch_size} does not split over {world_size} processes")
+local_batch = batch_size // world_size
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+log_path, last_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "ckpt_last.pt")
+
+train_images, _ = data.load_split(data_dir, "train", device)
+val_images, _ = data.load_split(data_dir, "val", device)
+iters_per_epoch = len(train_images) // batch_size  # the last partial batch of an epoch is dropped
+if iters_per_epoch == 0:
+    raise SystemExit(f"error: batch_size={batch_size} is larger than the training set ({len(train_images)})")
+total_iters = epochs * iters_per_epoch
+end_iter = min(total_iters, max_iters) if max_iters > 0 else total_iters
+lr = blr * batch_size / 256
+
+# model and optimizer, fresh or from ckpt_last.pt
+ckpt = runtime.load_checkpoint(last_path, ("model", "optimizer", "model_args", "iter_num")) \
+    if init_from == "resume" else None
+if ckpt is not None:
+    cfg = ViTConfig(**ckpt["model_args"])
+else:
+    if init_from != "scratch":
+        raise SystemExit(f"error: init_from must be 'scratch' or 'resume', not {init_from!r}")
+    cfg = ViTConfig(img_size=train_images.shape[1], patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                    num_heads=num_heads, mlp_ratio=mlp_ratio, decoder_embed_dim=decoder_embed_dim,
+                    decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads)
+model = MAE(cfg, norm_pix_loss).to(device)
+optimizer = torch.optim.AdamW(runtime.param_groups(model, weight_decay), lr=lr, betas=(beta1, beta2),
+                              fused=device.startswith("cuda"))
+iter_num, epoch_loss_sum = 0, 0.0
+if ckpt is not None:
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    iter_num, epoch_loss_sum = ckpt["iter_num"], ckpt["epoch_loss_sum"]
+    if master and os.path.exists(log_path):  # forget log lines of epochs that will be trained again
+        with open(log_path) as f:
+            kept = [line for line in f if json.loads(line)["epoch"] <= iter_num // iters_per_epoch]
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(log_path + ".tmp", log_path)
+    del ckpt
+elif master and os.path.exists(log_path):
+    os.remove(log_path)
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if world_size > 1:
+    model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+if master:
+    print(f"MAE {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters "
+          f"(encoder {sum(p.numel() for p in raw_model.encoder.parameters()) / 1e6:.2f}M), "
+          f"{len(train_images):,} training images, {iters_per_epoch} iterations per epoch, "
+          f"{world_size} process(es), device {device}, {dtype}, lr {lr:.2e}")
+
+# fixed validation images and masks for the reconstruction pictures
+picture_ids = torch.linspace(0, len(val_images) - 1, 8).long()
+picture_noise = torch.rand(8, cfg.num_patches, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def save_checkpoint(path, done, epoch_loss_sum):
+    # the RNG needs no saving: every step re-seeds it from (seed, iteration)
+    runtime.save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "model_args": asdict(cfg), "norm_pix_loss": norm_pix_loss, "iter_num": done,
+                         "epoch": done / iters_per_epoch, "epoch_loss_sum": epoch_loss_sum,
+                         "config": config}, path)
+
+
+def save_pictures(epochs_done):
+    imgs = data.normalize(data.to_float(val_images[picture_ids]))
+    raw_model.eval()
+    masked, recon, pasted = raw_model.reconstruct(imgs, picture_noise, mask_ratio)
+    raw_model.train()
+    plot.save_reconstructions([imgs, masked, recon, pasted], os.path.join(out_dir, f"recon_{epochs_done}.png"),
+                              f"MAE reconstructions of validation images after {epochs_done} epochs")
+    plot.plot_loss(log_path, os.path.join(out_dir, "loss.png"))
+
+
+# -----------------------------------------------------------------------------
+# training loop
+window = torch.zeros(log_interval, device=device)  # losses since the last log point, read only there
+last_log, last_save = iter_num, time.time()
+progress = runtime.Progress(end_iter, iter_num, batch_size)
+perm = None
+for it in range(iter_num, end_iter):
+    epoch, step = divmod(it, iters_per_epoch)
+    if perm is None or step == 0:
+        perm = data.permutation(len(train_images), seed, epoch, device)
+    for group in optimizer.param_groups:
+        group["lr"] = runtime.cosine_lr(it, lr, warmup_epochs * iters_per_epoch, total_iters)
+
+    # every process draws the crops, flips and masks of the whole global batch (a small cost) and
+    # takes its own slice, so N processes train on exactly what one process would
+    runtime.seed_step(seed, it)
+    with torch.no_grad():  # augmentation in fp32, outside autocast
+        batch = data.to_float(train_images[perm[step * batch_size:(step + 1) * batch_size]])
+        mine = slice(rank * local_batch, (rank + 1) * local_batch)
+        imgs = data.normalize(data.random_resized_crop_flip(batch, crop_scale)[mine])
+        noise = torch.rand(batch_size, cfg.num_patches, device=device)[mine]
+    with runtime.autocast(device, dtype):
+        loss, _, _ = model(imgs, mask_ratio, noise)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    window[it - last_log] = loss.detach()
+
+    done = it + 1
+    epoch_end = done % iters_per_epoch == 0
+    if done - last_log < log_interval and not epoch_end and done < end_iter:
+        continue
+    # log point: the only place the host waits for the device
+    losses = window[:done - last_log].tolist()
+    bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+    if bad:
+        raise SystemExit(f"error: loss is {losses[bad[0]]} at iteration {last_log + bad[0]}; "
+                         f"{last_path} keeps the last good state (iteration {iter_num})")
+    epoch_loss_sum += sum(losses)
+    last_log = iter_num = done
+    if master:
+        images_per_s, eta = progress.tick(done)
+        print(f"epoch {done / iters_per_epoch:7.2f}/{epochs} | iter {done}/{end_iter} | loss {losses[-1]:.4f} | "
+              f"lr {optimizer.param_groups[0]['lr']:.2e} | {images_per_s:,.0f} img/s | "
+              f"ETA {runtime.fmt_duration(eta)}", flush=True)
+    if epoch_end:
+        epochs_done = done // iters_per_epoch
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"epoch": epochs_done, "loss": epoch_loss_sum / iters_per_epoch,
+                                    "lr": optimizer.param_groups[0]["lr"], "time": time.time()}) + "\n")
+        epoch_loss_sum = 0.0
+        keep = epochs_done % save_every == 0 or epochs_done == epochs
+        if master and keep:
+            save_checkpoint(os.path.join(out_dir, f"ckpt_{epochs_done}.pt"), done, epoch_loss_sum)
+            save_pictures(epochs_done)
+    if master and ((epoch_end and keep) or done == end_iter or time.time() - last_save >= save_last_every_s):
+        save_checkpoint(last_path, done, epoch_loss_sum)
+        last_save = time.time()
+
+if master:
+    print(f"done: {end_iter} iterations, checkpoints in {out_dir}")
+runtime.cleanup()

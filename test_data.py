@@ -1,0 +1,135 @@
+"""
+Tests of data.py's batched augmentation against Pillow's own image operations and against the
+properties torchvision's RandomResizedCrop promises. Run with `python test_data.py` or pytest.
+"""
+import io
+import math
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+ZIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "tiny-imagenet-200.zip")
+
+
+def sample_images(n=8):
+    """Real Tiny ImageNet validation images when the archive is there, else smooth generated ones."""
+    if os.path.exists(ZIP):
+        with zipfile.ZipFile(ZIP) as z:
+            return np.stack([np.asarray(Image.open(io.BytesIO(z.read(f"tiny-imagenet-200/val/images/val_{i}.JPEG")))
+                                        .convert("RGB")) for i in range(n)])
+    yy, xx = np.mgrid[0:64, 0:64]
+    return np.stack([np.stack([(xx * (3 + i) + yy * 2) % 256, (yy * (5 + i)) % 256, (xx * yy // (i + 1)) % 256], -1)
+                     for i in range(n)]).astype(np.uint8)
+
+
+def pillow_crop(img, top, left, h, w, flip, size):
+    out = Image.fromarray(img).crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+    if flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.array(out)).permute(2, 0, 1).float()
+
+
+@pytest.mark.parametrize("source", ["real", "noise"])
+def test_resized_crop_flip_matches_pillow(source):
+    torch.manual_seed(0)
+    images = sample_images() if source == "real" else np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), np.uint8)
+    top, left, h, w = data.crop_boxes(8, 64, 64, (0.08, 1.0))
+    flip = torch.arange(8) % 2 == 0
+    ours = data.resized_crop(data.to_float(torch.from_numpy(images)), top, left, h, w, flip, 64)
+    worst, off = 0.0, 0.0
+    for i in range(8):
+        ref = pillow_crop(images[i], int(top[i]), int(left[i]), int(h[i]), int(w[i]), bool(flip[i]), 64)
+        worst = max(worst, (ours[i] - ref).abs().max().item())
+        off += (ours[i] != ref).float().mean().item() / 8
+    print(f"crop vs Pillow ({source}): largest difference {worst}, {off:.2%} of values differ")
+    # Pillow's fixed-point weights can round a value the other way
+    assert worst <= 1 and off < 0.01
+
+
+def test_full_box_without_flip_is_identity():
+    images = torch.from_numpy(sample_images(2))
+    full = torch.tensor([0, 0]), torch.tensor([0, 0]), torch.tensor([64, 64]), torch.tensor([64, 64])
+    out = data.resized_crop(data.to_float(images), *full, torch.tensor([False, True]), 64)
+    assert torch.equal(out[0], data.to_float(images)[0])
+    assert torch.equal(out[1], data.to_float(images)[1].flip(2))
+
+
+def torchvision_get_params(rng, H, W, scale, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop.get_params written out as torchvision does it: one attempt after another."""
+    for _ in range(10):
+        area = H * W * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < w <= W and 0 < h <= H:
+            return rng.randint(0, H - h), rng.randint(0, W - w), h, w
+    return (H - H) // 2, (W - W) // 2, H, W  # a square image falls back to the whole image
+
+
+def test_crop_boxes_follow_random_resized_crop():
+    torch.manual_seed(0)
+    n = 20000
+    top, left, h, w = data.crop_boxes(n, 64, 64, (0.2, 1.0))
+    assert torch.all((top >= 0) & (left >= 0) & (top + h <= 64) & (left + w <= 64) & (h > 0) & (w > 0))
+    import random
+    rng = random.Random(0)
+    ref = torch.tensor([torchvision_get_params(rng, 64, 64, (0.2, 1.0)) for _ in range(n)], dtype=torch.float32)
+    ours = torch.stack([top, left, h, w], 1).float()
+    # the same distribution: means and spreads of (top, left, h, w), and of area and aspect ratio,
+    # agree within a few standard errors of 20,000 draws
+    for name, a, b in [("box", ours, ref), ("area", ours[:, 2] * ours[:, 3], ref[:, 2] * ref[:, 3]),
+                       ("aspect", ours[:, 3] / ours[:, 2], ref[:, 3] / ref[:, 2])]:
+        se = b.std(0) / math.sqrt(n) * math.sqrt(2)
+        assert torch.all((a.mean(0) - b.mean(0)).abs() < 5 * se), name
+        assert torch.all((a.std(0) / b.std(0) - 1).abs() < 0.05), name
+    assert (ours[:, 2] * ours[:, 3]).min() >= 0.2 * 4096 * 0.9  # rounding of w and h widens the range slightly
+    # each image draws its own box
+    assert len(set(map(tuple, ours[:100].tolist()))) > 90
+
+
+def test_random_flip_flips_about_half():
+    torch.manual_seed(0)
+    x = torch.arange(2000 * 3 * 4 * 4, dtype=torch.float32).reshape(2000, 3, 4, 4)
+    out = data.random_flip(x)
+    flipped = torch.all((out == x.flip(3)).flatten(1), dim=1)
+    same = torch.all((out == x).flatten(1), dim=1)
+    assert torch.all(flipped ^ same)
+    assert 0.45 < flipped.float().mean() < 0.55
+
+
+def test_resize_centre_crop_matches_pillow():
+    images = sample_images(4)
+    ours = data.resize_centre_crop(data.to_float(torch.from_numpy(images)), 73, 64)
+    for i in range(4):
+        big = Image.fromarray(images[i]).resize((73, 73), Image.BICUBIC)
+        ref = torch.from_numpy(np.array(big.crop((4, 4, 68, 68)))).permute(2, 0, 1).float()
+        assert (ours[i] - ref).abs().max() <= 1
+
+
+def test_normalize_is_imagenet_statistics():
+    x = torch.rand(2, 3, 5, 5) * 255
+    expected = (x / 255 - torch.tensor(data.MEAN).view(1, 3, 1, 1)) / torch.tensor(data.STD).view(1, 3, 1, 1)
+    assert torch.allclose(data.normalize(x), expected, atol=1e-5)
+
+
+def test_permutation_is_fresh_each_epoch_and_repeatable():
+    a, b = data.permutation(1000, 0, 0, "cpu"), data.permutation(1000, 0, 1, "cpu")
+    assert torch.equal(a.sort().values, torch.arange(1000))
+    assert not torch.equal(a, b)
+    assert torch.equal(a, data.permutation(1000, 0, 0, "cpu"))
+    assert not math.isclose(a[:10].float().mean().item(), data.permutation(1000, 1, 0, "cpu")[:10].float().mean().item())
+
+
+def test_load_split_errors_name_the_file(tmp_path):
+    with pytest.raises(SystemExit, match="train_images.npy not found"):
+        data.load_split(str(tmp_path), "train", "cpu")
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(pytest.main([__file__, "-q", "-s"]))

@@ -1,0 +1,144 @@
+"""
+pretrain.py end to end on the CPU with a tiny model and generated data: checkpoints, exact resume
+after a kill, two-process torchrun, a diverging run, the configurator's errors.
+Run with `python test_pretrain.py` or pytest.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from configurator import configure
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--patch_size=8", "--embed_dim=32", "--depth=1", "--num_heads=2", "--decoder_embed_dim=32",
+        "--decoder_depth=1", "--decoder_num_heads=2", "--batch_size=8", "--epochs=3", "--warmup_epochs=1",
+        "--device=cpu", "--dtype=float32", "--compile=False", "--log_interval=2", "--blr=1e-3"]
+
+
+def make_data(folder, n_train=32, n_val=8, classes=4):
+    """A packed data set like prepare_tin.py writes, with random images."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        np.save(os.path.join(folder, f"{split}_images.npy"), rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8))
+        np.save(os.path.join(folder, f"{split}_labels.npy"), (np.arange(n) % classes).astype(np.int16))
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump({"classes": [f"c{i}" for i in range(classes)], "names": [f"class {i}" for i in range(classes)],
+                   "num_train": n_train, "num_val": n_val, "source": "generated"}, f)
+    return str(folder)
+
+
+# one thread each: two processes share two cores in the torchrun test, and float sums depend on
+# how a matrix product is split between threads, so every run must split them alike
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def run(args, check=True):
+    result = subprocess.run([sys.executable] + args, cwd=HERE, capture_output=True, text=True, env=ENV, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+def test_pretrain_writes_checkpoints_logs_and_pictures(data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--save_every=2"])
+    assert "ETA" in result.stdout and "img/s" in result.stdout
+    for name in ("ckpt_2.pt", "ckpt_3.pt", "ckpt_last.pt", "log.jsonl", "loss.png", "recon_2.png", "recon_3.png"):
+        assert os.path.exists(os.path.join(out, name)), name
+    assert not os.path.exists(os.path.join(out, "ckpt_1.pt"))
+    ckpt = load(os.path.join(out, "ckpt_3.pt"))  # weights_only=True: plain tensors and containers only
+    assert ckpt["iter_num"] == 12 and ckpt["epoch"] == 3.0 and ckpt["model_args"]["embed_dim"] == 32
+    assert ckpt["config"]["batch_size"] == 8 and "state" in ckpt["optimizer"]
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["epoch"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
+    assert [f for f in os.listdir(out) if ".tmp" in f] == []
+
+
+def test_resume_after_kill_matches_uninterrupted_run(data_dir, tmp_path):
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={whole}"])
+    # kill -9 part way through the second epoch; ckpt_last.pt is refreshed at every log point
+    args = [sys.executable, "pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={killed}",
+            "--log_interval=1", "--save_last_every_s=0"]
+    proc = subprocess.Popen(args, cwd=HERE, stdout=subprocess.PIPE, text=True, env=ENV)
+    for line in proc.stdout:
+        if "iter 6/12" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    stopped_at = load(os.path.join(killed, "ckpt_last.pt"))["iter_num"]
+    assert 4 <= stopped_at < 12  # killed within the second epoch, not at the end
+    run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={killed}", "--init_from=resume"])
+    a, b = load(os.path.join(whole, "ckpt_last.pt")), load(os.path.join(killed, "ckpt_last.pt"))
+    assert a["iter_num"] == b["iter_num"] == 12
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg_sq"], b["optimizer"]["state"][0]["exp_avg_sq"])
+    log_a = [json.loads(line)["loss"] for line in open(os.path.join(whole, "log.jsonl"))]
+    log_b = [json.loads(line)["loss"] for line in open(os.path.join(killed, "log.jsonl"))]
+    assert log_a == pytest.approx(log_b, rel=1e-6)
+
+
+def test_torchrun_two_processes_train_as_one(data_dir, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    common = [*TINY, f"--data_dir={data_dir}", "--epochs=1"]
+    run(["pretrain.py", *common, f"--out_dir={one}"])
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain.py", *common, f"--out_dir={two}"])
+    a, b = load(os.path.join(one, "ckpt_last.pt")), load(os.path.join(two, "ckpt_last.pt"))
+    assert b["iter_num"] == a["iter_num"] == 4
+    # the same global batches, crops and masks: only the gradient sums' rounding differs
+    worst = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
+    print(f"1 process vs 2 processes: largest weight difference {worst:.2e}")
+    assert worst < 1e-4
+
+
+def test_diverging_run_stops_and_keeps_last_good_state(data_dir, tmp_path):
+    out = str(tmp_path / "nan")
+    result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--blr=1e30",
+                  "--warmup_epochs=0", "--log_interval=1", "--save_last_every_s=0"], check=False)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert "loss is nan at iteration" in message or "loss is inf at iteration" in message
+    bad_iter = int(message.split("at iteration ")[1].split(";")[0])
+    last = load(os.path.join(out, "ckpt_last.pt"))
+    assert last["iter_num"] == bad_iter  # the state before the step whose loss was not finite
+
+
+def test_configurator_rejects_unknown_keys_and_wrong_types(tmp_path):
+    ns = {"batch_size": 256, "blr": 5e-4, "device": "cpu", "compile": True, "crop_scale": (0.2, 1.0)}
+    config = configure(ns, ["--batch_size=64", "--blr=1", "--device=cuda", "--compile=False", "--crop_scale=[0.5,1]"])
+    assert config == {"batch_size": 64, "blr": 1.0, "device": "cuda", "compile": False, "crop_scale": (0.5, 1.0)}
+    assert ns["batch_size"] == 64
+    with pytest.raises(SystemExit, match="unknown setting 'batch'"):
+        configure(dict(ns), ["--batch=64"])
+    with pytest.raises(SystemExit, match="batch_size .* must be int"):
+        configure(dict(ns), ["--batch_size=6.5"])
+    with pytest.raises(SystemExit, match="compile .* must be bool"):
+        configure(dict(ns), ["--compile=1"])
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text("batch_size = 32\nlearning_rate = 1.0\n")
+    with pytest.raises(SystemExit, match="unknown setting 'learning_rate' in .*c.py"):
+        configure(dict(ns), [str(cfg_file)])
+    with pytest.raises(SystemExit, match="cannot read config file"):
+        configure(dict(ns), [str(tmp_path / "missing.py")])
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", "-s"]))
