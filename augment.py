@@ -1,0 +1,228 @@
+"""
+Fine-tuning augmentation on whole batches, on the images' device.
+
+Pipeline order in the fine-tuning loop (data.py has already cropped + flipped):
+  1. rand_augment(images)            float (B,3,H,W), integer values 0..255
+  2. the caller normalises with the ImageNet mean/std
+  3. random_erasing(images)          on normalised images, as timm's RandomErasing
+  4. mixup_cutmix(images, labels)    timm's Mixup, mode 'elem', with smoothed soft targets
+
+Every image gets its own random draw, all from torch's global RNG on the images'
+device (the training loop re-seeds it each iteration for exact resume). Shapes are
+static and nothing syncs with the host: every candidate is computed for the whole
+batch and each image picks its own with torch.where, so this can run under
+torch.compile / CUDA graphs.
+
+RandAugment is torchvision's RandAugment(num_ops, magnitude, num_magnitude_bins=31)
+on PIL images, i.e. Pillow's own operations, which OPS reproduces exactly. (The official
+MAE recipe uses timm's 'rand-m9-mstd0.5-inc1', a variant with noisy magnitudes.)
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------
+# the 14 RandAugment operations, each op(images, magnitude) with magnitude (B,) in
+# the op's own units; images are float, integer-valued in [0, 255], as a uint8 PIL image
+
+def _blend(degenerate, images, factor):
+    # Pillow's Image.blend in float32, then clip and truncate to uint8
+    out = degenerate + factor.view(-1, 1, 1, 1) * (images - degenerate)
+    return out.clamp(0, 255).trunc()
+
+def _grayscale(images):
+    # Pillow's RGB -> L conversion; every partial sum is < 2**24, so exact in float32
+    r, g, b = images.unbind(1)
+    return torch.floor((19595 * r + 38470 * g + 7471 * b + 32768) / 65536).unsqueeze(1)
+
+def _affine(images, a, b, c, d, e, f):
+    # Image.transform(size, AFFINE, (a,b,c,d,e,f), NEAREST, fillcolor=0). For any image
+    # smaller than 32768 px, Pillow takes its 16.16 fixed-point path, reproduced here
+    # bit for bit: output (x, y) reads input (a(x+.5) + b(y+.5) + c, d(x+.5) + e(y+.5) + f)
+    B, C, H, W = images.shape
+    fix = lambda v: torch.floor(v * 65536.0 + 0.5).long().view(B, 1, 1)
+    y = torch.arange(H, device=images.device).view(1, H, 1)
+    x = torch.arange(W, device=images.device).view(1, 1, W)
+    xin = (fix(c + a * 0.5 + b * 0.5) + x * fix(a) + y * fix(b)) >> 16
+    yin = (fix(f + d * 0.5 + e * 0.5) + x * fix(d) + y * fix(e)) >> 16
+    inside = (xin >= 0) & (xin < W) & (yin >= 0) & (yin < H)
+    index = (yin.clamp(0, H - 1) * W + xin.clamp(0, W - 1)).view(B, 1, H * W).expand(B, C, H * W)
+    out = images.reshape(B, C, H * W).gather(2, index).view(B, C, H, W)
+    return torch.where(inside.unsqueeze(1), out, 0.0)
+
+def _coeffs(m):
+    # float64 like Pillow, so the fixed-point coefficients round as they do there
+    m = m.double()
+    return m, torch.zeros_like(m), torch.ones_like(m)
+
+def shear_x(images, m):
+    # torchvision: affine(shear=[degrees(atan(m)), 0], center=[0, 0]) -> (1, m, 0, 0, 1, 0)
+    m, zero, one = _coeffs(m)
+    return _affine(images, one, m, zero, zero, one, zero)
+
+def shear_y(images, m):
+    m, zero, one = _coeffs(m)
+    return _affine(images, one, zero, zero, m, one, zero)
+
+def translate_x(images, t):
+    # torchvision passes int(magnitude) pixels: (1, 0, -t, 0, 1, 0)
+    t, zero, one = _coeffs(t)
+    return _affine(images, one, zero, -t.trunc(), zero, one, zero)
+
+def translate_y(images, t):
+    t, zero, one = _coeffs(t)
+    return _affine(images, one, zero, zero, zero, one, -t.trunc())
+
+def rotate(images, degrees):
+    # Image.rotate(degrees, NEAREST, expand=False, fillcolor=0): counter-clockwise
+    # about (W/2, H/2), Pillow's inverse matrix
+    H, W = images.shape[-2:]
+    angle = -torch.deg2rad(degrees.double())
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    cx, cy = W / 2, H / 2
+    return _affine(images, cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy)
+
+def brightness(images, m):
+    return _blend(torch.zeros_like(images), images, 1 + m)
+
+def color(images, m):
+    return _blend(_grayscale(images).expand_as(images), images, 1 + m)
+
+def contrast(images, m):
+    gray = _grayscale(images)
+    n = gray[0].numel()
+    mean = (2 * gray.sum((1, 2, 3)).long() + n) // (2 * n)  # int(mean + 0.5), exactly
+    return _blend(mean.to(images.dtype).view(-1, 1, 1, 1).expand_as(images), images, 1 + m)
+
+def sharpness(images, m):
+    # degenerate: ImageFilter.SMOOTH, whose border pixels stay the original ones
+    kernel = images.new_tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]]).expand(3, 1, 3, 3)
+    smooth = torch.floor((F.conv2d(images, kernel, groups=3) + 6.5) / 13)  # round half up
+    degenerate = images.clone()
+    degenerate[..., 1:-1, 1:-1] = smooth
+    return _blend(degenerate, images, 1 + m)
+
+def posterize(images, bits):
+    step = (2.0 ** (8 - bits)).view(-1, 1, 1, 1)
+    return torch.floor(images / step) * step
+
+def solarize(images, threshold):
+    return torch.where(images < threshold.view(-1, 1, 1, 1), images, 255 - images)
+
+def autocontrast(images, _=None):
+    # Pillow's per-channel LUT int(x * scale + offset), computed in float64 like Python
+    lo = images.amin((2, 3), keepdim=True).double()
+    hi = images.amax((2, 3), keepdim=True).double()
+    scale = torch.full_like(lo, 255.0) / (hi - lo).clamp(min=1)  # 255.0 / t would use 1/t, off by an ulp
+    out = (images.double() * scale + -lo * scale).trunc().clamp(0, 255).to(images.dtype)
+    return torch.where(hi > lo, out, images)
+
+def equalize(images, _=None):
+    # ImageOps.equalize's integer LUT per image and channel, from batched histograms
+    B, C, H, W = images.shape
+    x = images.long().view(B * C, H * W)
+    hist = torch.zeros(B * C, 256, dtype=torch.long, device=images.device).scatter_add_(1, x, torch.ones_like(x))
+    bins = torch.arange(256, device=images.device)
+    last = (bins * (hist > 0)).amax(1, keepdim=True)
+    step = (x.shape[1] - hist.gather(1, last)) // 255
+    lut = ((step // 2 + hist.cumsum(1) - hist) // step.clamp(min=1)).clamp(max=255)
+    lut = torch.where(step > 0, lut, bins)
+    return lut.gather(1, x).view(B, C, H, W).to(images.dtype)
+
+OPS = {
+    'Identity': lambda images, _=None: images,
+    'ShearX': shear_x, 'ShearY': shear_y, 'TranslateX': translate_x, 'TranslateY': translate_y,
+    'Rotate': rotate, 'Brightness': brightness, 'Color': color, 'Contrast': contrast,
+    'Sharpness': sharpness, 'Posterize': posterize, 'Solarize': solarize,
+    'AutoContrast': autocontrast, 'Equalize': equalize,
+}
+OP_NAMES = tuple(OPS)  # the order torchvision draws from
+SIGNED = {'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'Brightness', 'Color', 'Contrast', 'Sharpness'}
+
+def op_magnitudes(magnitude, height, width, num_bins=31):
+    """Unsigned magnitude of each op at bin `magnitude`, as torchvision's _augmentation_space
+    (in plain Python, not torch.linspace, so torch.compile sees constants, not .item())."""
+    lin = lambda start, end: start + (end - start) * magnitude / (num_bins - 1)
+    return {
+        'Identity': 0.0, 'ShearX': lin(0.0, 0.3), 'ShearY': lin(0.0, 0.3),
+        'TranslateX': lin(0.0, 150.0 / 331.0 * width), 'TranslateY': lin(0.0, 150.0 / 331.0 * height),
+        'Rotate': lin(0.0, 30.0), 'Brightness': lin(0.0, 0.9), 'Color': lin(0.0, 0.9),
+        'Contrast': lin(0.0, 0.9), 'Sharpness': lin(0.0, 0.9),
+        'Posterize': float(8 - round(magnitude / ((num_bins - 1) / 4))),  # round half to even, as torch
+        'Solarize': lin(255.0, 0.0), 'AutoContrast': 0.0, 'Equalize': 0.0,
+    }
+
+def rand_augment(images, num_ops=2, magnitude=9, num_bins=31):
+    """torchvision RandAugment: num_ops layers, each image drawing its own op (and sign)."""
+    B, _, H, W = images.shape
+    mags = op_magnitudes(magnitude, H, W, num_bins)
+    for _ in range(num_ops):
+        op_index = torch.randint(len(OPS), (B,), device=images.device).view(B, 1, 1, 1)
+        sign = torch.where(torch.rand(B, device=images.device) < 0.5, -1.0, 1.0)
+        out = images
+        for k, (name, op) in enumerate(OPS.items()):
+            m = sign * mags[name] if name in SIGNED else torch.full((B,), mags[name], device=images.device)
+            out = torch.where(op_index == k, op(images, m), out)
+        images = out
+    return images
+
+# ---------------------------------------------------------------------------------
+
+def random_erasing(images, prob=0.25, min_area=0.02, max_area=1 / 3, min_aspect=0.3, attempts=10):
+    """timm RandomErasing(prob, mode='pixel', max_count=1) on normalised images."""
+    B, C, H, W = images.shape
+    dev = images.device
+    area = torch.empty(B, attempts, device=dev).uniform_(min_area, max_area) * H * W
+    log_ratio = torch.empty(B, attempts, device=dev).uniform_(math.log(min_aspect), -math.log(min_aspect))
+    h = torch.sqrt(area * log_ratio.exp()).round().long()
+    w = torch.sqrt(area / log_ratio.exp()).round().long()
+    fits = (h < H) & (w < W)
+    first = fits.long().argmax(1, keepdim=True)  # timm keeps the first attempt that fits
+    h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
+    erase = (torch.rand(B, device=dev) < prob) & fits.any(1)
+    top = (torch.rand(B, device=dev) * (H - h + 1)).long()  # randint(0, H - h) inclusive
+    left = (torch.rand(B, device=dev) * (W - w + 1)).long()
+    box = _box_mask(top, top + h, left, left + w, H, W) & erase.view(B, 1, 1, 1)
+    return torch.where(box, torch.randn_like(images), images)
+
+def _box_mask(y0, y1, x0, x1, H, W):
+    # (B,1,H,W) mask of the rows [y0, y1) and columns [x0, x1) of each image
+    rows = torch.arange(H, device=y0.device).view(1, H, 1)
+    cols = torch.arange(W, device=y0.device).view(1, 1, W)
+    v = lambda t: t.view(-1, 1, 1)
+    return ((rows >= v(y0)) & (rows < v(y1)) & (cols >= v(x0)) & (cols < v(x1))).unsqueeze(1)
+
+def mixup_cutmix(images, labels, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
+                 label_smoothing=0.1):
+    """timm Mixup(mode='elem', correct_lam=True): image i mixes with image B-1-i.
+    Returns (mixed images, soft targets (B, num_classes))."""
+    B, _, H, W = images.shape
+    dev = images.device
+    def beta(alpha):  # validate_args would sync with the host
+        concentration = torch.full((B,), float(alpha), device=dev)
+        return torch.distributions.Beta(concentration, concentration, validate_args=False).sample()
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        use_cutmix = torch.rand(B, device=dev) < switch_prob
+        lam = torch.where(use_cutmix, beta(cutmix_alpha), beta(mixup_alpha))
+    elif mixup_alpha > 0 or cutmix_alpha > 0:
+        use_cutmix = torch.full((B,), cutmix_alpha > 0, device=dev)
+        lam = beta(max(mixup_alpha, cutmix_alpha))
+    else:
+        use_cutmix, lam = torch.zeros(B, dtype=torch.bool, device=dev), torch.ones(B, device=dev)
+    # timm's rand_bbox: half-sides cut // 2 around a uniform centre, clipped to the image
+    ratio = torch.sqrt(1 - lam)
+    half_h, half_w = (H * ratio).long() // 2, (W * ratio).long() // 2
+    cy, cx = torch.randint(0, H, (B,), device=dev), torch.randint(0, W, (B,), device=dev)
+    y0, y1 = (cy - half_h).clamp(0, H), (cy + half_h).clamp(0, H)
+    x0, x1 = (cx - half_w).clamp(0, W), (cx + half_w).clamp(0, W)
+    lam_cut = 1 - ((y1 - y0) * (x1 - x0)).to(lam.dtype) / (H * W)  # the area actually kept
+    lam = torch.where(use_cutmix, lam_cut, lam)
+    partner = images.flip(0)
+    pasted = torch.where(_box_mask(y0, y1, x0, x1, H, W), partner, images)
+    lam4 = lam.view(B, 1, 1, 1).to(images.dtype)
+    mixed = torch.where(use_cutmix.view(B, 1, 1, 1), pasted, images * lam4 + partner * (1 - lam4))
+    off = label_smoothing / num_classes
+    onehot = F.one_hot(labels, num_classes).float() * (1 - label_smoothing) + off
+    targets = lam.view(B, 1) * onehot + (1 - lam.view(B, 1)) * onehot.flip(0)
+    return mixed, targets
