@@ -269,6 +269,8 @@ class Classifier(nn.Module):
         assert pool in ("cls", "avg"), f"pool must be 'cls' or 'avg', not {pool!r}"
         self.pool = pool
         self.encoder = Encoder(cfg, drop_path)
+        if pool == "avg":  # the pooled tokens get fc_norm instead of the encoder's final norm
+            self.encoder.norm.requires_grad_(False)
         self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6) if pool == "avg" else nn.Identity()
         self.head = nn.Linear(cfg.embed_dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)  # as the official fine-tuning head

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import plot
 import runtime
+import steps
 from configurator import configure
 from model import MAE, ViTConfig
 
@@ -105,12 +106,8 @@ if ckpt is not None:
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     iter_num, epoch_loss_sum = ckpt["iter_num"], ckpt["epoch_loss_sum"]
-    if master and os.path.exists(log_path):  # forget log lines of epochs that will be trained again
-        with open(log_path) as f:
-            kept = [line for line in f if json.loads(line)["epoch"] <= iter_num // iters_per_epoch]
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(log_path + ".tmp", log_path)
+    if master:
+        runtime.truncate_log(log_path, iter_num // iters_per_epoch)
     del ckpt
 elif master and os.path.exists(log_path):
     os.remove(log_path)
@@ -150,6 +147,9 @@ def save_pictures(epochs_done):
 
 # -----------------------------------------------------------------------------
 # training loop
+train_step = steps.make_pretrain_step(model, optimizer, num_patches=cfg.num_patches, batch_size=batch_size,
+                                      rank=rank, world_size=world_size, seed=seed, crop_scale=crop_scale,
+                                      mask_ratio=mask_ratio, device=device, dtype=dtype)
 window = torch.zeros(log_interval, device=device)  # losses since the last log point, read only there
 last_log, last_save = iter_num, time.time()
 progress = runtime.Progress(end_iter, iter_num, batch_size)
@@ -158,26 +158,13 @@ for it in range(iter_num, end_iter):
     epoch, step = divmod(it, iters_per_epoch)
     if perm is None or step == 0:
         perm = data.permutation(len(train_images), seed, epoch, device)
-    for group in optimizer.param_groups:
-        group["lr"] = runtime.cosine_lr(it, lr, warmup_epochs * iters_per_epoch, total_iters)
-
-    # every process draws the crops, flips and masks of the whole global batch (a small cost) and
-    # takes its own slice, so N processes train on exactly what one process would
-    runtime.seed_step(seed, it)
-    with torch.no_grad():  # augmentation in fp32, outside autocast
-        batch = data.to_float(train_images[perm[step * batch_size:(step + 1) * batch_size]])
-        mine = slice(rank * local_batch, (rank + 1) * local_batch)
-        imgs = data.normalize(data.random_resized_crop_flip(batch, crop_scale)[mine])
-        noise = torch.rand(batch_size, cfg.num_patches, device=device)[mine]
-    with runtime.autocast(device, dtype):
-        loss, _, _ = model(imgs, mask_ratio, noise)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    window[it - last_log] = loss.detach()
+    runtime.set_lr(optimizer, runtime.cosine_lr(it, lr, warmup_epochs * iters_per_epoch, total_iters))
+    window[it - last_log] = train_step(train_images[perm[step * batch_size:(step + 1) * batch_size]], it)
 
     done = it + 1
-    epoch_end = done % iters_per_epoch == 0
+    epochs_done, into_epoch = divmod(done, iters_per_epoch)
+    epoch_end = into_epoch == 0
+    keep = epoch_end and (epochs_done % save_every == 0 or epochs_done == epochs)  # a ckpt_{epoch}.pt
     if done - last_log < log_interval and not epoch_end and done < end_iter:
         continue
     # log point: the only place the host waits for the device
@@ -194,17 +181,15 @@ for it in range(iter_num, end_iter):
               f"lr {optimizer.param_groups[0]['lr']:.2e} | {images_per_s:,.0f} img/s | "
               f"ETA {runtime.fmt_duration(eta)}", flush=True)
     if epoch_end:
-        epochs_done = done // iters_per_epoch
         if master:
             with open(log_path, "a") as f:
                 f.write(json.dumps({"epoch": epochs_done, "loss": epoch_loss_sum / iters_per_epoch,
                                     "lr": optimizer.param_groups[0]["lr"], "time": time.time()}) + "\n")
         epoch_loss_sum = 0.0
-        keep = epochs_done % save_every == 0 or epochs_done == epochs
-        if master and keep:
-            save_checkpoint(os.path.join(out_dir, f"ckpt_{epochs_done}.pt"), done, epoch_loss_sum)
-            save_pictures(epochs_done)
-    if master and ((epoch_end and keep) or done == end_iter or time.time() - last_save >= save_last_every_s):
+    if master and keep:
+        save_checkpoint(os.path.join(out_dir, f"ckpt_{epochs_done}.pt"), done, epoch_loss_sum)
+        save_pictures(epochs_done)
+    if master and (keep or done == end_iter or time.time() - last_save >= save_last_every_s):
         save_checkpoint(last_path, done, epoch_loss_sum)
         last_save = time.time()
 

@@ -3,6 +3,7 @@ The small pieces every stage script shares: devices and torchrun, mixed precisio
 cosine schedule, AdamW parameter groups, checkpoints written atomically and read with clear errors,
 and progress lines with an ETA.
 """
+import json
 import math
 import os
 import time
@@ -10,6 +11,8 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+
+from model import Encoder, ViTConfig
 
 # -----------------------------------------------------------------------------
 # devices, torchrun, precision
@@ -62,6 +65,34 @@ def cosine_lr(it, peak_lr, warmup_iters, total_iters):
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def layer_decay_groups(model, weight_decay, layer_decay):
+    """The official MAE fine-tuning's parameter groups (param_groups_lrd): with n blocks, the patch
+    embedding and cls token are layer 0, block i is layer i + 1, the rest (norms, head) layer n + 1;
+    layer k learns at layer_decay ** (n + 1 - k) times the lr. No weight decay on 1-D parameters
+    and the cls token."""
+    num_layers = len(model.encoder.blocks) + 1
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("encoder.blocks."):
+            layer = int(name.split(".")[2]) + 1
+        elif name.startswith(("encoder.patch_embed", "encoder.cls_token")):
+            layer = 0
+        else:  # the final norm, fc_norm and head
+            layer = num_layers
+        no_decay = p.ndim == 1 or name == "encoder.cls_token"
+        group = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                                      "lr_scale": layer_decay ** (num_layers - layer)})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # lr_scale: layer-wise decay in fine-tuning
+
+
 def param_groups(model, weight_decay, skip=()):
     """No weight decay on biases, norms and other 1-D parameters, nor on the names in skip."""
     decay, no_decay = [], []
@@ -89,11 +120,58 @@ def load_checkpoint(path, needed=("model", "model_args")):
         raise SystemExit(f"error: checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})")
+    except Exception as e:  # pickle, zip and weights-only errors alike: the file is not ours
+        raise SystemExit(f"error: {path} is not a checkpoint torch.load(weights_only=True) can read "
+                         f"({type(e).__name__})")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
         raise SystemExit(f"error: {path} is not a checkpoint of this project (it needs {', '.join(needed)})")
     return ckpt
+
+
+def truncate_log(log_path, epochs_done):
+    """Forget the log lines of epochs a resumed run will train again."""
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            kept = [line for line in f if json.loads(line)["epoch"] <= epochs_done]
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(log_path + ".tmp", log_path)
+
+
+def model_config(ckpt, path):
+    try:
+        return ViTConfig(**ckpt["model_args"])
+    except TypeError as e:
+        raise SystemExit(f"error: {path} has model settings this model.py does not know ({e})")
+
+
+def load_weights(module, state, path, what):
+    """load_state_dict, with a mismatch reported as one line naming the file."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        raise SystemExit(f"error: {path} does not hold {what} of the architecture its model_args describe "
+                         f"({lines[1].strip() if len(lines) > 1 else lines[0]})")
+
+
+def load_encoder(path, img_size, drop_path=0.0):
+    """The pre-trained encoder of an MAE checkpoint, with (config, checkpoint); a file that is not
+    one, or does not fit the data, is one clear line."""
+    ckpt = load_checkpoint(path)
+    cfg = model_config(ckpt, path)
+    if cfg.img_size != img_size:
+        raise SystemExit(f"error: {path} was trained on {cfg.img_size}px images, the data are {img_size}px")
+    encoder = Encoder(cfg, drop_path)
+    state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    load_weights(encoder, state, path, "an encoder")
+    return encoder, cfg, ckpt
+
+
+def hardware(device):
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)}, PyTorch {torch.__version__}"
+    return f"CPU ({os.cpu_count()} cores), PyTorch {torch.__version__}"
 
 
 # -----------------------------------------------------------------------------

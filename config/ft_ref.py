@@ -1,0 +1,17 @@
+# The reference's fine-tuning recipe (../shared/reference.md): 100 epochs, batch 128, blr 1e-3,
+# weight decay 0.05, 5 warm-up epochs, AdamW (0.9, 0.999), random resized crop (0.08-1) + flip +
+# RandAugment(2, 9), cls token head, evaluated after a resize to 73 and a central 64 crop.
+out_dir = "out/ft_ref"
+recipe = "ref"
+pool = "cls"
+epochs = 100
+batch_size = 128
+blr = 1e-3
+weight_decay = 0.05
+warmup_epochs = 5
+beta1 = 0.9
+beta2 = 0.999
+crop_scale = (0.08, 1.0)
+rand_augment_ops = 2
+rand_augment_magnitude = 9
+eval_resize = 73

@@ -1,0 +1,198 @@
+"""
+Fine-tuning of a pre-trained MAE encoder (or of the same network from scratch) on Tiny ImageNet:
+
+    python finetune.py config/ft_ref.py --init=out/tin/ckpt_700.pt   # the reference recipe
+    python finetune.py config/ft_tin.py --init=out/tin/ckpt_700.pt   # ours
+    python finetune.py config/ft_tin.py --init=scratch               # no pre-training
+    torchrun --standalone --nproc_per_node=4 finetune.py config/ft_tin.py --init=...
+
+All augmentation (crop, flip, RandAugment, random erasing, mixup/cutmix) runs on whole batches on
+the device. Top-1/top-5 on the 10,000 validation images every eval_every epochs. Output in out_dir:
+ckpt_last.pt (resume with --resume=True), ckpt_best.pt, finetune_log.jsonl (loss and accuracy per
+epoch), and one line in results.jsonl.
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import runtime
+import steps
+from configurator import configure
+from model import Classifier, ViTConfig
+
+# -----------------------------------------------------------------------------
+# I/O
+data_dir = "data/tin"
+out_dir = "out/finetune"
+init = "scratch"  # a pre-training checkpoint, or 'scratch' for the reference ViT-Lite from random weights
+resume = False  # continue from out_dir/ckpt_last.pt
+recipe = "ref"  # a name for the results table
+log_interval = 50
+save_last_every_s = 60.0
+eval_every = 1  # epochs
+eval_resize = 0  # 0: the plain 64x64 image; 73: the reference's resize to 73 and central 64 crop
+eval_batch_size = 512
+# model
+pool = "cls"  # 'cls' token (the reference) or 'avg' of the patch tokens with a LayerNorm (official MAE)
+drop_path = 0.0
+# optimisation: the reference recipe (../shared/reference.md)
+batch_size = 128  # global, across all processes
+epochs = 100
+warmup_epochs = 5
+blr = 1e-3  # lr = blr * batch_size / 256
+weight_decay = 0.05
+beta1 = 0.9
+beta2 = 0.999
+layer_decay = 1.0  # 1: every layer learns at the same rate
+clip_grad = 0.0  # 0: no clipping
+# augmentation
+crop_scale = (0.08, 1.0)
+rand_augment_ops = 2
+rand_augment_magnitude = 9
+reprob = 0.0  # random erasing probability
+mixup = 0.0  # Beta alpha; 0 turns it off
+cutmix = 0.0
+label_smoothing = 0.0
+# system
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+compile = torch.cuda.is_available()
+seed = 0
+# -----------------------------------------------------------------------------
+config = configure(globals(), sys.argv[1:])
+
+device, rank, world_size = runtime.setup_device(device, dtype, seed)
+master = rank == 0
+if batch_size % world_size:
+    raise SystemExit(f"error: batch_size={batch_size} does not split over {world_size} processes")
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+log_path, last_path, best_path = (os.path.join(out_dir, f) for f in ("finetune_log.jsonl", "ckpt_last.pt",
+                                                                             "ckpt_best.pt"))
+train_images, train_labels = data.load_split(data_dir, "train", device)
+val_images, val_labels = data.load_split(data_dir, "val", device)
+num_classes = data.num_classes(data_dir)
+iters_per_epoch = len(train_images) // batch_size
+if iters_per_epoch == 0:
+    raise SystemExit(f"error: batch_size={batch_size} is larger than the training set ({len(train_images)})")
+total_iters = epochs * iters_per_epoch
+lr = blr * batch_size / 256
+
+# the model: the pre-trained encoder with a new head, or all random
+pretrain_epoch = None
+if init == "scratch":
+    cfg = ViTConfig(img_size=train_images.shape[1])
+    model = Classifier(cfg, num_classes, pool, drop_path)
+else:
+    encoder, cfg, pre = runtime.load_encoder(init, train_images.shape[1], drop_path)
+    pretrain_epoch = pre.get("epoch")
+    model = Classifier(cfg, num_classes, pool, drop_path)
+    model.encoder.load_state_dict(encoder.state_dict())
+    del encoder, pre
+model = model.to(device)
+optimizer = torch.optim.AdamW(runtime.layer_decay_groups(model, weight_decay, layer_decay), lr=lr,
+                              betas=(beta1, beta2), fused=device.startswith("cuda"))
+iter_num, best_top1, train_time, epoch_loss_sum = 0, 0.0, 0.0, 0.0
+if resume:
+    ckpt = runtime.load_checkpoint(last_path, ("model", "optimizer", "model_args", "iter_num"))
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    iter_num, best_top1, train_time = ckpt["iter_num"], ckpt["best_top1"], ckpt["train_time"]
+    epoch_loss_sum, pretrain_epoch = ckpt["epoch_loss_sum"], ckpt["pretrain_epoch"]
+    del ckpt
+    if master:
+        runtime.truncate_log(log_path, iter_num // iters_per_epoch)
+elif master and os.path.exists(log_path):
+    os.remove(log_path)
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if world_size > 1:
+    model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+if master:
+    print(f"fine-tuning {'from scratch' if init == 'scratch' else init} ({pool} head, "
+          f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters) on {len(train_images):,} "
+          f"images of {num_classes} classes, {iters_per_epoch} iterations per epoch, {world_size} process(es), "
+          f"device {device}, {dtype}, lr {lr:.2e}")
+
+
+def save_checkpoint(path, done):
+    runtime.save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "model_args": asdict(cfg), "iter_num": done, "best_top1": best_top1,
+                         "train_time": train_time, "epoch_loss_sum": epoch_loss_sum,
+                         "pretrain_epoch": pretrain_epoch, "config": config}, path)
+
+
+# -----------------------------------------------------------------------------
+# training loop
+train_step = steps.make_finetune_step(
+    model, optimizer, num_classes=num_classes, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+    crop_scale=crop_scale, rand_augment_ops=rand_augment_ops, rand_augment_magnitude=rand_augment_magnitude,
+    reprob=reprob, mixup=mixup, cutmix=cutmix, label_smoothing=label_smoothing, clip_grad=clip_grad,
+    device=device, dtype=dtype)
+evaluate = lambda: steps.evaluate(raw_model, val_images, val_labels, batch_size=eval_batch_size, device=device,
+                                  dtype=dtype, resize_to=eval_resize)
+window = torch.zeros(log_interval, device=device)  # losses since the last log point, read only there
+last_log, last_save, t_start = iter_num, time.time(), time.time() - train_time
+progress = runtime.Progress(total_iters, iter_num, batch_size)
+perm, top1, top5 = None, float("nan"), float("nan")
+for it in range(iter_num, total_iters):
+    epoch, step = divmod(it, iters_per_epoch)
+    if perm is None or step == 0:
+        perm = data.permutation(len(train_images), seed, epoch, device)
+    runtime.set_lr(optimizer, runtime.cosine_lr(it, lr, warmup_epochs * iters_per_epoch, total_iters))
+    idx = perm[step * batch_size:(step + 1) * batch_size]
+    window[it - last_log] = train_step(train_images[idx], train_labels[idx], it)
+
+    done = it + 1
+    epochs_done, into_epoch = divmod(done, iters_per_epoch)
+    epoch_end = into_epoch == 0
+    if done - last_log < log_interval and not epoch_end:
+        continue
+    losses = window[:done - last_log].tolist()  # log point: the only place the host waits for the device
+    bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+    if bad:
+        raise SystemExit(f"error: loss is {losses[bad[0]]} at iteration {last_log + bad[0]}; "
+                         f"{last_path} keeps the last good state")
+    epoch_loss_sum += sum(losses)
+    last_log = done
+    train_time = time.time() - t_start
+    if master:
+        images_per_s, eta = progress.tick(done)
+        print(f"epoch {done / iters_per_epoch:6.2f}/{epochs} | iter {done}/{total_iters} | loss {losses[-1]:.4f} | "
+              f"lr {optimizer.param_groups[-1]['lr']:.2e} | {images_per_s:,.0f} img/s | "
+              f"ETA {runtime.fmt_duration(eta)}", flush=True)
+    if epoch_end and (epochs_done % eval_every == 0 or epochs_done == epochs):
+        top1, top5 = evaluate()
+        improved = top1 > best_top1
+        best_top1 = max(best_top1, top1)
+        if master:
+            print(f"epoch {epochs_done}: validation top-1 {top1:.2f}% top-5 {top5:.2f}% (best {best_top1:.2f}%)")
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"epoch": epochs_done, "loss": epoch_loss_sum / iters_per_epoch, "top1": top1,
+                                    "top5": top5, "lr": optimizer.param_groups[-1]["lr"]}) + "\n")
+            if improved:
+                save_checkpoint(best_path, done)
+    if epoch_end:
+        epoch_loss_sum = 0.0
+    if master and (done == total_iters or time.time() - last_save >= save_last_every_s):
+        save_checkpoint(last_path, done)
+        last_save = time.time()
+
+if master:
+    top1, top5 = evaluate() if math.isnan(top1) else (top1, top5)  # a resumed run that had nothing left
+    row = {"checkpoint": init, "pretrain_epoch": pretrain_epoch, "method": "finetune", "recipe": recipe,
+           "top1": top1, "top5": top5, "best_top1": best_top1, "wall_s": train_time,
+           "hardware": runtime.hardware(device)}
+    with open(os.path.join(out_dir, "results.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"done: final top-1 {top1:.2f}% top-5 {top5:.2f}%, best top-1 {best_top1:.2f}%, "
+          f"{runtime.fmt_duration(train_time)}; results in {os.path.join(out_dir, 'results.jsonl')}")
+runtime.cleanup()

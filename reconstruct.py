@@ -1,0 +1,68 @@
+"""
+Figure 4: MAE reconstructions of any images (resized to the model's size), or of validation images
+when none are given, with a fixed seed and so fixed masks:
+
+    python reconstruct.py --init=out/tin/ckpt_1200.pt photo.jpg drawing.png
+    python reconstruct.py --init=out/tin/ckpt_1200.pt --data_dir=data/tin   # 8 validation images
+
+Writes out_dir/reconstruct_<checkpoint name>.png: original, masked, reconstruction, and the
+reconstruction with the visible patches pasted back.
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+import plot
+import runtime
+from configurator import configure
+from model import MAE
+
+# -----------------------------------------------------------------------------
+init = ""  # a pre-training checkpoint
+data_dir = "data/tin"  # validation images come from here when no image files are given
+out_dir = "out/reconstruct"
+mask_ratio = 0.75
+num_images = 8  # validation images to show when no files are given
+device = "cpu"
+seed = 0
+# -----------------------------------------------------------------------------
+args = sys.argv[1:]
+configure(globals(), [a for a in args if a.startswith("--")])
+files = [a for a in args if not a.startswith("--")]
+
+ckpt = runtime.load_checkpoint(init)
+cfg = runtime.model_config(ckpt, init)
+model = MAE(cfg, ckpt.get("norm_pix_loss", True))
+runtime.load_weights(model, ckpt["model"], init, "an MAE with its decoder (a pre-training checkpoint)")
+model = model.to(device).eval()
+
+if files:
+    pictures = []
+    for path in files:
+        try:
+            img = Image.open(path).convert("RGB").resize((cfg.img_size, cfg.img_size), Image.BICUBIC)
+        except OSError as e:
+            raise SystemExit(f"error: cannot read image {path}: {e}")
+        pictures.append(np.asarray(img))
+    images_u8 = torch.from_numpy(np.stack(pictures)).to(device)
+else:
+    val_images, _ = data.load_split(data_dir, "val", device)
+    images_u8 = val_images[torch.linspace(0, len(val_images) - 1, num_images).long()]
+    if images_u8.shape[1] != cfg.img_size:
+        raise SystemExit(f"error: {init} was trained on {cfg.img_size}px images, {data_dir} holds "
+                         f"{images_u8.shape[1]}px ones; give image files instead")
+
+imgs = data.normalize(data.to_float(images_u8))
+noise = torch.rand(len(imgs), cfg.num_patches, generator=torch.Generator().manual_seed(seed)).to(device)
+masked, recon, pasted = model.reconstruct(imgs, noise, mask_ratio)
+os.makedirs(out_dir, exist_ok=True)
+name = os.path.splitext(os.path.basename(init))[0]
+png = os.path.join(out_dir, f"reconstruct_{name}.png")
+plot.save_reconstructions([imgs, masked, recon, pasted], png,
+                          f"MAE reconstructions, {init} (pre-training epoch {ckpt.get('epoch', 0):g}), "
+                          f"{mask_ratio:.0%} masked")
+print(f"wrote {png}")

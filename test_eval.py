@@ -1,0 +1,156 @@
+"""
+The evaluation stages on the CPU: cached versus plain linear probe, k-NN against a plain loop,
+layer-wise lr decay, checkpoints arriving in fine-tuning unchanged, bad --init values, and a tiny
+end-to-end run (pre-train, probe, fine-tune, plot, reconstruct). Run with `python test_eval.py` or pytest.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import probe
+import runtime
+from model import MAE, Classifier, ViTConfig
+from test_pretrain import ENV, HERE, TINY, load, make_data, run
+
+SMALL = ViTConfig(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2, decoder_embed_dim=16,
+                  decoder_depth=1, decoder_num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny pre-training run on generated data: (data_dir, out_dir)."""
+    root = tmp_path_factory.mktemp("eval")
+    data_dir = make_data(root / "data", n_train=48, n_val=16)
+    out = str(root / "pre")
+    run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--save_every=1", "--epochs=2"])
+    return data_dir, out
+
+
+def test_cached_probe_equals_plain_probe():
+    torch.manual_seed(0)
+    encoder = MAE(SMALL).encoder.eval()
+    images = torch.randint(0, 256, (40, 64, 64, 3), dtype=torch.uint8)
+    labels = torch.arange(40) % 5
+    probe.device, probe.dtype, probe.batch_size, probe.epochs, probe.warmup_epochs = "cpu", "float32", 8, 2, 1
+    probe.blr = 1e-2  # large enough that the heads move well away from their start
+
+    cached = torch.stack([probe.extract_features(encoder, images, flip) for flip in (False, True)], dim=1)
+
+    @torch.no_grad()
+    def plain(idx, flip):  # the encoder on this step's images, each mirrored or not
+        x = data.to_float(images[idx])
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        return encoder(data.normalize(x))[:, 0]
+
+    head_cached = probe.train_head(lambda idx, flip: cached[idx, flip.long()], labels, 32, 5)
+    head_plain = probe.train_head(plain, labels, 32, 5)
+    start = torch.nn.Linear(32, 5)
+    torch.manual_seed(probe.seed)
+    torch.nn.init.trunc_normal_(start.weight, std=0.01)
+    moved = (head_plain[1].weight - start.weight).abs().max().item()
+    diff = (head_cached[1].weight - head_plain[1].weight).abs().max().item()
+    print(f"cached vs plain probe head: largest difference {diff:.2e} (weights moved {moved:.2e})")
+    assert moved > 1e-2 and diff < 1e-4
+    assert torch.allclose(head_cached[0].running_mean, head_plain[0].running_mean, atol=1e-4)
+
+
+def test_knn_matches_plain_loop():
+    torch.manual_seed(0)
+    train_f, val_f = torch.randn(60, 8), torch.randn(7, 8)
+    train_y = torch.arange(60) % 4
+    probe.knn_k, probe.knn_temperature = 5, 0.1
+    scores = probe.knn_scores(train_f, train_y, val_f, 4)
+    for i in range(7):
+        sims = [float(val_f[i] @ t / (val_f[i].norm() * t.norm())) for t in train_f]
+        nearest = sorted(range(60), key=lambda j: -sims[j])[:5]
+        expected = [sum(np.exp(sims[j] / 0.1) for j in nearest if train_y[j] == c) for c in range(4)]
+        assert np.allclose(scores[i].numpy(), expected, rtol=1e-4)
+
+
+def test_layer_decay_rates_per_block():
+    model = Classifier(ViTConfig(depth=7), num_classes=10, pool="avg")
+    groups = runtime.layer_decay_groups(model, weight_decay=0.05, layer_decay=0.75)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert scale[id(params["encoder.patch_embed.weight"])] == pytest.approx(0.75 ** 8)
+    assert scale[id(params["encoder.cls_token"])] == pytest.approx(0.75 ** 8)
+    for i in range(7):
+        assert scale[id(params[f"encoder.blocks.{i}.attn.qkv.weight"])] == pytest.approx(0.75 ** (7 - i))
+    assert scale[id(params["head.weight"])] == 1.0 and scale[id(params["fc_norm.weight"])] == 1.0
+    assert decay[id(params["encoder.blocks.3.mlp.fc1.weight"])] == 0.05
+    assert decay[id(params["encoder.blocks.3.mlp.fc1.bias"])] == 0.0 and decay[id(params["encoder.cls_token"])] == 0.0
+    assert id(params["encoder.norm.weight"]) not in scale  # unused with average pooling: not trained
+    # set_lr applies the scales
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    runtime.set_lr(opt, 2.0)
+    assert sorted({round(g["lr"], 6) for g in opt.param_groups}) == sorted({round(2 * 0.75 ** k, 6) for k in range(9)})
+
+
+def test_finetune_receives_encoder_unchanged(pretrained, tmp_path):
+    data_dir, pre = pretrained
+    out = str(tmp_path / "ft")
+    # lr 0: whatever the fine-tuning checkpoint holds is what arrived from pre-training
+    run(["finetune.py", f"--init={pre}/ckpt_2.pt", f"--data_dir={data_dir}", f"--out_dir={out}", "--blr=0.0",
+         "--epochs=1", "--batch_size=8", "--device=cpu", "--dtype=float32", "--compile=False", "--pool=avg"])
+    pre_state, ft_state = load(f"{pre}/ckpt_2.pt")["model"], load(f"{out}/ckpt_last.pt")["model"]
+    encoder_keys = [k for k in pre_state if k.startswith("encoder.")]
+    assert encoder_keys and all(torch.equal(pre_state[k], ft_state[k]) for k in encoder_keys)
+    row = json.loads(open(f"{out}/results.jsonl").read().splitlines()[-1])
+    assert row["method"] == "finetune" and row["pretrain_epoch"] == 2.0 and 0 <= row["top1"] <= 100
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "wrong_architecture", "wrong_image_size"])
+def test_bad_init_is_one_clear_line(pretrained, tmp_path, case):
+    data_dir, pre = pretrained
+    path = str(tmp_path / "bad.pt")
+    if case == "not_a_checkpoint":
+        Image.new("RGB", (8, 8)).save(path, format="PNG")
+    elif case in ("wrong_architecture", "wrong_image_size"):
+        ckpt = load(f"{pre}/ckpt_2.pt")
+        if case == "wrong_architecture":
+            ckpt["model_args"]["embed_dim"] = 64
+        else:
+            ckpt["model_args"]["img_size"] = 32
+        torch.save(ckpt, path)
+    for script in ("finetune.py", "probe.py"):
+        result = run([script, f"--init={path}", f"--data_dir={data_dir}", f"--out_dir={tmp_path}/o",
+                      "--device=cpu", "--dtype=float32", "--batch_size=8"], check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:") and path in lines[0], \
+            (script, result.stderr)
+
+
+def test_end_to_end_probe_finetune_plot_reconstruct(pretrained, tmp_path):
+    data_dir, pre = pretrained
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    os.symlink(pre, f"{out}/pre")
+    run(["probe.py", f"--init={pre}/ckpt_[0-9]*.pt", f"--data_dir={data_dir}", f"--out_dir={out}/probe",
+         "--device=cpu", "--dtype=float32", "--epochs=3", "--batch_size=8"])
+    rows = [json.loads(line) for line in open(f"{out}/probe/results.jsonl")]
+    assert [(r["pretrain_epoch"], r["method"]) for r in rows] == \
+        [(1.0, "linear_probe"), (1.0, "knn"), (2.0, "linear_probe"), (2.0, "knn")]
+    run(["finetune.py", "config/ft_tin.py", f"--init={pre}/ckpt_2.pt", f"--data_dir={data_dir}",
+         f"--out_dir={out}/ft", "--epochs=2", "--warmup_epochs=1", "--batch_size=8", "--device=cpu",
+         "--dtype=float32", "--compile=False"])
+    log = [json.loads(line) for line in open(f"{out}/ft/finetune_log.jsonl")]
+    assert [r["epoch"] for r in log] == [1, 2] and os.path.exists(f"{out}/ft/ckpt_best.pt")
+    result = run(["plot.py", f"--out_dir={out}"])
+    assert os.path.exists(f"{out}/fig2_loss.png") and os.path.exists(f"{out}/fig3_accuracy.png")
+    assert result.stdout.count("| linear_probe |") == 2 and result.stdout.count("| finetune |") == 1
+    picture = tmp_path / "any.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 80, 3), dtype=np.uint8)).save(picture)
+    run(["reconstruct.py", f"--init={pre}/ckpt_2.pt", str(picture), f"--out_dir={out}"])
+    assert Image.open(f"{out}/reconstruct_ckpt_2.png").size[0] > 100
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", "-s"]))
