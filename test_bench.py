@@ -1,0 +1,37 @@
+"""
+bench.py on the CPU: the correctness guard (compiled bf16 path against plain fp32 eager, on the same
+batch and masks) and the harness's report. No speed is asserted here: the machines are shared and
+noisy, so speed lives in bench.py's output. Run with `python test_bench.py` or pytest.
+"""
+import re
+import sys
+
+import pytest
+
+from test_pretrain import run
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_optimised_path_gives_the_plain_loss(stage):
+    # compile=True, bfloat16 is the CUDA default; on the CPU it compiles C++ kernels instead
+    result = run(["bench.py", f"--stage={stage}", "--check=True", "--compile=True", "--dtype=bfloat16",
+                  "--device=cpu", "--batch_size=8", "--warmup=1", "--steps_per_repeat=1", "--repeats=1"])
+    rel = float(re.search(r"relative difference ([0-9.e+-]+)", result.stdout).group(1))
+    print(f"{stage}: compiled bf16 vs eager fp32 loss, relative difference {rel:.2e}")
+    assert rel < 2e-2
+
+
+def test_bench_reports_throughput_and_flops():
+    result = run(["bench.py", "--stage=pretrain", "--device=cpu", "--dtype=float32", "--compile=False",
+                  "--batch_size=4", "--warmup=1", "--steps_per_repeat=1", "--repeats=3", "--profile=True"])
+    lines = result.stdout.strip().splitlines()
+    assert re.fullmatch(r"images/s: [0-9,]+", lines[-1])
+    assert len(re.search(r"measurements \(images/s\): (.*)", result.stdout).group(1).split(", ")) == 3
+    # the reference protocol's model costs about 2.16 GFLOP per pre-training image (forward + backward)
+    gflops = float(re.search(r"([0-9.]+) GFLOP/image", result.stdout).group(1))
+    assert 2.0 < gflops < 2.3
+    assert "aten::" in result.stdout  # the profile table
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", "-s"]))
