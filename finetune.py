@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import runtime
@@ -112,10 +111,7 @@ if resume:
 elif master and os.path.exists(log_path):
     os.remove(log_path)
 raw_model = model
-if compile:
-    model = torch.compile(model)
-if world_size > 1:
-    model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+model = runtime.wrap_model(model, compile, device, world_size)
 if master:
     print(f"fine-tuning {'from scratch' if init == 'scratch' else init} ({pool} head, "
           f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters) on {len(train_images):,} "
@@ -156,11 +152,7 @@ for it in range(iter_num, total_iters):
     epoch_end = into_epoch == 0
     if done - last_log < log_interval and not epoch_end:
         continue
-    losses = window[:done - last_log].tolist()  # log point: the only place the host waits for the device
-    bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
-    if bad:
-        raise SystemExit(f"error: loss is {losses[bad[0]]} at iteration {last_log + bad[0]}; "
-                         f"{last_path} keeps the last good state")
+    losses = runtime.finite_losses(window, done - last_log, last_log, last_path)
     epoch_loss_sum += sum(losses)
     last_log = done
     train_time = time.time() - t_start

@@ -16,14 +16,12 @@ tensor ops. Output in out_dir: ckpt_{epoch}.pt every save_every epochs, ckpt_las
 (--init_from=resume), log.jsonl (mean loss per epoch), loss.png and recon_{epoch}.png.
 """
 import json
-import math
 import os
 import sys
 import time
 from dataclasses import asdict
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import plot
@@ -73,7 +71,8 @@ device, rank, world_size = runtime.setup_device(device, dtype, seed)
 master = rank == 0
 if batch_size % world_size:
     raise SystemExit(f"error: batch_size={batch_size} does not split over {world_size} processes")
-local_batch = batch_size // world_size
+if init_from not in ("scratch", "resume"):
+    raise SystemExit(f"error: init_from must be 'scratch' or 'resume', not {init_from!r}")
 if master:
     os.makedirs(out_dir, exist_ok=True)
 log_path, last_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "ckpt_last.pt")
@@ -88,13 +87,11 @@ end_iter = min(total_iters, max_iters) if max_iters > 0 else total_iters
 lr = blr * batch_size / 256
 
 # model and optimizer, fresh or from ckpt_last.pt
-ckpt = runtime.load_checkpoint(last_path, ("model", "optimizer", "model_args", "iter_num")) \
-    if init_from == "resume" else None
-if ckpt is not None:
-    cfg = ViTConfig(**ckpt["model_args"])
+ckpt = None
+if init_from == "resume":
+    ckpt = runtime.load_checkpoint(last_path, ("model", "optimizer", "model_args", "iter_num"))
+    cfg = runtime.model_config(ckpt, last_path)
 else:
-    if init_from != "scratch":
-        raise SystemExit(f"error: init_from must be 'scratch' or 'resume', not {init_from!r}")
     cfg = ViTConfig(img_size=train_images.shape[1], patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                     num_heads=num_heads, mlp_ratio=mlp_ratio, decoder_embed_dim=decoder_embed_dim,
                     decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads)
@@ -112,10 +109,7 @@ if ckpt is not None:
 elif master and os.path.exists(log_path):
     os.remove(log_path)
 raw_model = model
-if compile:
-    model = torch.compile(model)
-if world_size > 1:
-    model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+model = runtime.wrap_model(model, compile, device, world_size)
 if master:
     print(f"MAE {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters "
           f"(encoder {sum(p.numel() for p in raw_model.encoder.parameters()) / 1e6:.2f}M), "
@@ -167,14 +161,9 @@ for it in range(iter_num, end_iter):
     keep = epoch_end and (epochs_done % save_every == 0 or epochs_done == epochs)  # a ckpt_{epoch}.pt
     if done - last_log < log_interval and not epoch_end and done < end_iter:
         continue
-    # log point: the only place the host waits for the device
-    losses = window[:done - last_log].tolist()
-    bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
-    if bad:
-        raise SystemExit(f"error: loss is {losses[bad[0]]} at iteration {last_log + bad[0]}; "
-                         f"{last_path} keeps the last good state (iteration {iter_num})")
+    losses = runtime.finite_losses(window, done - last_log, last_log, last_path)
     epoch_loss_sum += sum(losses)
-    last_log = iter_num = done
+    last_log = done
     if master:
         images_per_s, eta = progress.tick(done)
         print(f"epoch {done / iters_per_epoch:7.2f}/{epochs} | iter {done}/{end_iter} | loss {losses[-1]:.4f} | "

@@ -11,6 +11,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import Encoder, ViTConfig
 
@@ -34,6 +35,15 @@ def setup_device(device, dtype, seed):
             torch.cuda.set_device(device)
     torch.manual_seed(seed)  # the same initial weights on every rank
     return device, rank, world_size
+
+
+def wrap_model(model, compile, device, world_size):
+    """The module the training step calls: compiled, and inside DDP under torchrun."""
+    if compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+    return model
 
 
 def autocast(device, dtype):
@@ -176,6 +186,18 @@ def hardware(device):
 
 # -----------------------------------------------------------------------------
 # progress
+
+
+def finite_losses(window, count, first_iter, last_path):
+    """The losses of the `count` iterations since a log point (the host's one wait for the device);
+    a loss that is not finite stops the run, naming its iteration."""
+    losses = window[:count].tolist()
+    for i, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            raise SystemExit(f"error: loss is {loss} at iteration {first_iter + i}; {last_path} keeps "
+                             f"the last good state (iteration {first_iter} or earlier)")
+    return losses
+
 
 
 def fmt_duration(seconds):
