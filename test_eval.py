@@ -107,6 +107,28 @@ def test_finetune_receives_encoder_unchanged(pretrained, tmp_path):
     assert row["method"] == "finetune" and row["pretrain_epoch"] == 2.0 and 0 <= row["top1"] <= 100
 
 
+def test_finetune_torchrun_two_processes_train_as_one(pretrained, tmp_path):
+    data_dir, pre = pretrained
+    # the reference recipe has no drop path, the one draw each process makes on its own
+    common = ["config/ft_ref.py", f"--init={pre}/ckpt_2.pt", f"--data_dir={data_dir}", "--epochs=1",
+              "--warmup_epochs=0", "--blr=0.1", "--batch_size=8", "--device=cpu", "--dtype=float32",
+              "--compile=False"]
+    run(["finetune.py", *common, f"--out_dir={tmp_path}/one"])
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune.py", *common,
+         f"--out_dir={tmp_path}/two"])
+    a, b = load(f"{tmp_path}/one/ckpt_last.pt")["model"], load(f"{tmp_path}/two/ckpt_last.pt")["model"]
+    start = load(f"{pre}/ckpt_2.pt")["model"]
+    # Adam divides by the gradient's size, so where a gradient is ~0 rounding can flip an update's
+    # sign: compare the whole change, not single weights. Rounding alone (one process run with 1
+    # thread, then 2) moves it by about 3e-4 of its size; a wrong slice or sum moves it by tens of %.
+    keys = [k for k in a if k.startswith("encoder.")]
+    change = torch.cat([(a[k] - start[k]).flatten() for k in keys])
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in keys])
+    print(f"fine-tuning, 1 process vs 2 processes: the encoder's change differs by "
+          f"{diff.norm() / change.norm():.2e} of its size {change.norm():.2e}")
+    assert change.norm() > 1e-2 and diff.norm() < 1e-2 * change.norm()
+
+
 @pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "wrong_architecture", "wrong_image_size"])
 def test_bad_init_is_one_clear_line(pretrained, tmp_path, case):
     data_dir, pre = pretrained
