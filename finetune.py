@@ -66,6 +66,8 @@ compile = torch.cuda.is_available()
 seed = 0
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
+if pool not in ("cls", "avg"):
+    raise SystemExit(f"error: pool must be 'cls' or 'avg', not {pool!r}")
 
 device, rank, world_size = runtime.setup_device(device, dtype, seed)
 master = rank == 0

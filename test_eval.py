@@ -5,7 +5,6 @@ end-to-end run (pre-train, probe, fine-tune, plot, reconstruct). Run with `pytho
 """
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -17,7 +16,7 @@ import data
 import probe
 import runtime
 from model import MAE, Classifier, ViTConfig
-from test_pretrain import ENV, HERE, TINY, load, make_data, run
+from test_pretrain import TINY, kill_at, load, make_data, run
 
 SMALL = ViTConfig(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2, decoder_embed_dim=16,
                   decoder_depth=1, decoder_num_heads=2)
@@ -127,6 +126,22 @@ def test_finetune_torchrun_two_processes_train_as_one(pretrained, tmp_path):
     print(f"fine-tuning, 1 process vs 2 processes: the encoder's change differs by "
           f"{diff.norm() / change.norm():.2e} of its size {change.norm():.2e}")
     assert change.norm() > 1e-2 and diff.norm() < 1e-2 * change.norm()
+
+
+def test_finetune_resume_after_kill_matches_uninterrupted_run(pretrained, tmp_path):
+    data_dir, pre = pretrained
+    common = ["finetune.py", "config/ft_tin.py", f"--init={pre}/ckpt_2.pt", f"--data_dir={data_dir}", "--epochs=2",
+              "--warmup_epochs=1", "--batch_size=8", "--device=cpu", "--dtype=float32", "--compile=False",
+              "--log_interval=1", "--save_last_every_s=0"]
+    run([*common, f"--out_dir={tmp_path}/whole"])
+    kill_at([*common, f"--out_dir={tmp_path}/killed"], "iter 8/12")
+    assert 0 < load(f"{tmp_path}/killed/ckpt_last.pt")["iter_num"] < 12
+    run([*common, f"--out_dir={tmp_path}/killed", "--resume=True"])
+    a, b = load(f"{tmp_path}/whole/ckpt_last.pt"), load(f"{tmp_path}/killed/ckpt_last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["best_top1"] == b["best_top1"]
+    rows = [json.loads(open(f"{tmp_path}/{r}/results.jsonl").read().splitlines()[-1]) for r in ("whole", "killed")]
+    assert rows[0]["top1"] == rows[1]["top1"] and rows[0]["pretrain_epoch"] == rows[1]["pretrain_epoch"] == 2.0
 
 
 @pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "wrong_architecture", "wrong_image_size"])

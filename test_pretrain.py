@@ -46,6 +46,17 @@ def run(args, check=True):
     return result
 
 
+def kill_at(args, marker):
+    """Run a script and kill -9 it when its output shows marker."""
+    proc = subprocess.Popen([sys.executable] + args, cwd=HERE, stdout=subprocess.PIPE, text=True, env=ENV)
+    for line in proc.stdout:
+        if marker in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"{args} ended before printing {marker!r}"
+
+
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -74,15 +85,8 @@ def test_resume_after_kill_matches_uninterrupted_run(data_dir, tmp_path):
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={whole}"])
     # kill -9 part way through the second epoch; ckpt_last.pt is refreshed at every log point
-    args = [sys.executable, "pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={killed}",
-            "--log_interval=1", "--save_last_every_s=0"]
-    proc = subprocess.Popen(args, cwd=HERE, stdout=subprocess.PIPE, text=True, env=ENV)
-    for line in proc.stdout:
-        if "iter 6/12" in line:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_at(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={killed}", "--log_interval=1",
+             "--save_last_every_s=0"], "iter 6/12")
     stopped_at = load(os.path.join(killed, "ckpt_last.pt"))["iter_num"]
     assert 4 <= stopped_at < 12  # killed within the second epoch, not at the end
     run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={killed}", "--init_from=resume"])
