@@ -148,6 +148,9 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.apply(init_weights)
+        # the official Conv2d keeps PyTorch's default bias init, which _init_weights does not touch
+        fan_in = self.patch_embed.in_features
+        nn.init.uniform_(self.patch_embed.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
         nn.init.normal_(self.cls_token, std=0.02)
 
     def forward(self, imgs, ids_keep=None, final_norm=True):

@@ -52,8 +52,10 @@ seed = 0
 @torch.no_grad()
 def extract_features(encoder, images_u8, flip=False):
     """(N, F) features of uint8 images (N, H, W, 3), mirrored when flip."""
-    out = []
+    out, progress = [], runtime.Progress(len(images_u8), 0, 1)
     for i in range(0, len(images_u8), eval_batch_size):
+        if progress.due(10):
+            print(f"  features: {i:,}/{len(images_u8):,} images, ETA {runtime.fmt_duration(progress.tick(i)[1])}")
         x = data.to_float(images_u8[i:i + eval_batch_size])
         with runtime.autocast(device, dtype):
             tokens = encoder(data.normalize(x.flip(3) if flip else x)).float()  # (B, 1 + L, D)
@@ -73,7 +75,10 @@ def train_head(features_of, labels, dim, num_classes):
     lr = blr * batch_size / 256
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
     iters_per_epoch = n // batch_size
+    progress = runtime.Progress(epochs * iters_per_epoch, 0, batch_size)
     for it in range(epochs * iters_per_epoch):
+        if progress.due(10):
+            print(f"  head: epoch {it / iters_per_epoch:.1f}/{epochs}, ETA {runtime.fmt_duration(progress.tick(it)[1])}")
         epoch, step = divmod(it, iters_per_epoch)
         if step == 0:
             perm = data.permutation(n, seed, epoch, device)

@@ -215,6 +215,10 @@ class Progress:
         self.t0 = self.last_t = time.time()
         self.first = self.last_it = start_iter
 
+    def due(self, seconds):
+        """Whether `seconds` have passed since the last tick: progress lines for loops without log points."""
+        return time.time() - self.last_t >= seconds
+
     def tick(self, it):
         """(images/s since the last call, ETA in seconds) at iteration it."""
         now = time.time()

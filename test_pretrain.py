@@ -125,6 +125,19 @@ def test_diverging_run_stops_and_keeps_last_good_state(data_dir, tmp_path):
     assert last["iter_num"] == bad_iter  # the state before the step whose loss was not finite
 
 
+def test_schedule_is_the_official_per_iteration_warmup_cosine():
+    import math
+    from runtime import cosine_lr
+    lr, warmup_epochs, epochs, per_epoch = 2e-3, 20, 1200, 390
+    for it in [0, 1, 389, 7799, 7800, 7801, 200_000, 467_999]:
+        epoch = it / per_epoch  # models_mae's lr_sched.adjust_learning_rate, with fractional epochs
+        if epoch < warmup_epochs:
+            expected = lr * epoch / warmup_epochs
+        else:
+            expected = lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+        assert cosine_lr(it, lr, warmup_epochs * per_epoch, epochs * per_epoch) == pytest.approx(expected, abs=1e-12)
+
+
 def test_configurator_rejects_unknown_keys_and_wrong_types(tmp_path):
     ns = {"batch_size": 256, "blr": 5e-4, "device": "cpu", "compile": True, "crop_scale": (0.2, 1.0)}
     config = configure(ns, ["--batch_size=64", "--blr=1", "--device=cuda", "--compile=False", "--crop_scale=[0.5,1]"])
