@@ -6,6 +6,7 @@ optimizer included, on synthetic uint8 data of Tiny ImageNet's shape held on the
     python bench.py --stage=finetune --device=cuda --batch_size=128
     python bench.py --stage=pretrain --check      # optimised path vs plain fp32 eager: same loss?
     python bench.py --stage=pretrain --profile    # the top kernels (or CPU ops) by time
+    python bench.py --stage=attention             # each attention kernel at the model's shapes
 
 Prints milliseconds per step, model FLOPs per image (counted by torch.utils.flop_counter), the
 achieved fraction of the GPU's bf16 peak, and images/s (the median of `repeats` measurements of
@@ -14,8 +15,10 @@ achieved fraction of the GPU's bf16 peak, and images/s (the median of `repeats` 
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -25,7 +28,7 @@ from configurator import configure
 from model import MAE, Classifier, ViTConfig
 
 # -----------------------------------------------------------------------------
-stage = "pretrain"  # 'pretrain' or 'finetune'
+stage = "pretrain"  # 'pretrain', 'finetune' or 'attention'
 batch_size = 256
 steps_per_repeat = 20
 repeats = 5
@@ -36,6 +39,8 @@ peak_tflops = 0.0  # the device's dense bf16 peak; 0: look it up by the GPU's na
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 compile = torch.cuda.is_available()
+compile_mode = "default"  # the model's torch.compile mode, as in pretrain.py
+compile_augment = True  # False: the model compiled, the augmentation eager (to see what compiling it buys)
 seed = 0
 # -----------------------------------------------------------------------------
 # dense bf16 tensor-core peaks, TFLOP/s: the 790 of ../shared/reference.md for Hopper cards
@@ -53,7 +58,8 @@ def synthetic_data(device):
 
 def build(synthetic, dtype, compile, batch_size):
     """The model, optimizer and step function as the stage script builds them; returns run(i),
-    which sets the lr and runs training step i on the next batch, as the loops do."""
+    which sets the lr and runs training step i on the next batch, as the loops do, and
+    run.augment(i), step i's augmented batch alone."""
     images, labels, order = synthetic
     device = str(images.device)
     torch.manual_seed(seed)
@@ -62,9 +68,10 @@ def build(synthetic, dtype, compile, batch_size):
         model = MAE(cfg).to(device)
         optimizer = torch.optim.AdamW(runtime.param_groups(model, 0.15), lr=1e-4, betas=(0.9, 0.95),
                                       fused=device.startswith("cuda"))
-        step = steps.make_pretrain_step(torch.compile(model) if compile else model, optimizer,
+        step = steps.make_pretrain_step(runtime.wrap_model(model, compile, compile_mode, device, 1), optimizer,
                                         num_patches=cfg.num_patches, batch_size=batch_size, rank=0, world_size=1,
-                                        seed=seed, crop_scale=(0.2, 1.0), mask_ratio=0.75, device=device, dtype=dtype)
+                                        seed=seed, crop_scale=(0.2, 1.0), mask_ratio=0.75, device=device, dtype=dtype,
+                                        compile_augment=compile and compile_augment)
     else:  # config/ft_tin.py's augmentation, the heaviest we have
         model = Classifier(cfg, NUM_CLASSES, pool="avg", drop_path=0.1).to(device)
         if check:  # a fresh head's tiny weights make every loss log(200): let the features decide it
@@ -72,14 +79,23 @@ def build(synthetic, dtype, compile, batch_size):
         optimizer = torch.optim.AdamW(runtime.layer_decay_groups(model, 0.05, 0.75), lr=1e-4, betas=(0.9, 0.999),
                                       fused=device.startswith("cuda"))
         step = steps.make_finetune_step(
-            torch.compile(model) if compile else model, optimizer, num_classes=NUM_CLASSES, batch_size=batch_size,
-            rank=0, world_size=1, seed=seed, crop_scale=(0.08, 1.0), rand_augment_ops=2, rand_augment_magnitude=9,
-            reprob=0.25, mixup=0.8, cutmix=1.0, label_smoothing=0.1, clip_grad=0.0, device=device, dtype=dtype)
+            runtime.wrap_model(model, compile, compile_mode, device, 1), optimizer, num_classes=NUM_CLASSES,
+            batch_size=batch_size, rank=0, world_size=1, seed=seed, crop_scale=(0.08, 1.0), rand_augment_ops=2,
+            rand_augment_magnitude=9, reprob=0.25, mixup=0.8, cutmix=1.0, label_smoothing=0.1, clip_grad=0.0,
+            device=device, dtype=dtype, compile_augment=compile and compile_augment)
+
+    def batch(i):
+        idx = order[(i * batch_size) % (NUM_IMAGES - batch_size):][:batch_size]
+        return (images[idx],) if stage == "pretrain" else (images[idx], labels[idx])
 
     def run(i):
         runtime.set_lr(optimizer, 1e-4)
-        idx = order[(i * batch_size) % (NUM_IMAGES - batch_size):][:batch_size]
-        return step(images[idx], i) if stage == "pretrain" else step(images[idx], labels[idx], i)
+        return step(*batch(i), i)
+
+    def augment(i):
+        runtime.seed_step(seed, i)
+        return step.augment(*batch(i))
+    run.augment = augment
     return run
 
 
@@ -98,21 +114,71 @@ def flops_per_image(synthetic):
     return counter.get_total_flops() / 8
 
 
+def check_paths(synthetic, card):
+    """The correctness guard: the optimised path's augmentation equals the plain one's, and its loss
+    on that batch is the plain fp32 eager loss up to bf16 rounding."""
+    plain, fast = build(synthetic, "float32", False, batch_size), build(synthetic, dtype, compile, batch_size)
+    names = ("images", "mask noise") if stage == "pretrain" else ("images", "soft targets")
+    for name, a, b in zip(names, plain.augment(0), fast.augment(0)):
+        differ = ((a - b).abs() > 1e-4).float().mean().item()
+        print(f"check {stage} augmentation, {name}: {differ:.2e} of the values differ, "
+              f"largest difference {(a - b).abs().max().item():.2e}")
+        if differ > 1e-3:  # the random draws were not eager's, or a resampling pass rounded otherwise
+            raise SystemExit(f"error: the optimised augmentation's {name} differ from the plain path's")
+    plain_loss, fast_loss = plain(0).item(), fast(0).item()
+    rel = abs(fast_loss - plain_loss) / abs(plain_loss)
+    print(f"check {stage}: plain fp32 eager loss {plain_loss:.5f}, {dtype} compile={compile} ({compile_mode}) "
+          f"loss {fast_loss:.5f}, relative difference {rel:.2e} ({card})")
+    if rel > 2e-2:  # bf16 keeps 8 bits of mantissa: a per-mille error, never percents
+        raise SystemExit(f"error: the optimised path's loss is {rel:.1%} away from the plain path's")
+
+
+def attention_times():
+    """Forward + backward of scaled_dot_product_attention at the model's shapes, each kernel PyTorch
+    has ('auto' is its own choice), median ms of `repeats` timings of `steps_per_repeat` calls."""
+    shapes = {"pre-training encoder": (256, 4, 65, 64), "pre-training decoder": (256, 4, 257, 32),
+              "fine-tuning encoder": (128, 4, 257, 64)}  # (B, heads, tokens, head width)
+    backends = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    width = max(map(len, shapes)) + 22
+    print(f"{'attention fwd+bwd, ms':<{width}}" + "".join(f"{b:>10}" for b in backends))
+    float_type = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    for name, shape in shapes.items():
+        q, k, v = (torch.randn(shape, device=device, dtype=float_type, requires_grad=True) for _ in range(3))
+        row = f"{name} {tuple(shape[2:])!s:<{width - len(name) - 1}}"
+        for backend in backends.values():
+            def call():
+                F.scaled_dot_product_attention(q, k, v).sum().backward()
+            try:
+                with sdpa_kernel(backend) if backend else nullcontext():
+                    for _ in range(3):
+                        call()
+                    times = []
+                    for _ in range(repeats):
+                        sync()
+                        t0 = time.perf_counter()
+                        for _ in range(steps_per_repeat):
+                            call()
+                        sync()
+                        times.append(1000 * (time.perf_counter() - t0) / steps_per_repeat)
+                row += f"{statistics.median(times):10.3f}"
+            except RuntimeError:  # this kernel does not take these shapes, dtype or device
+                row += f"{'n/a':>10}"
+        print(row)
+
+
 def main():
     configure(globals(), sys.argv[1:])
-    if stage not in ("pretrain", "finetune"):
-        raise SystemExit(f"error: stage must be 'pretrain' or 'finetune', not {stage!r}")
+    if stage not in ("pretrain", "finetune", "attention"):
+        raise SystemExit(f"error: stage must be 'pretrain', 'finetune' or 'attention', not {stage!r}")
     runtime.setup_device(device, dtype, seed)
     card = runtime.hardware(device)
+    if stage == "attention":
+        print(card)
+        return attention_times()
     synthetic = synthetic_data(device)
     if check:  # the same first batch, crops, masks and weights through both paths
-        plain = build(synthetic, "float32", False, batch_size)(0).item()
-        fast = build(synthetic, dtype, compile, batch_size)(0).item()
-        rel = abs(fast - plain) / abs(plain)
-        print(f"check {stage}: plain fp32 eager loss {plain:.5f}, {dtype} compile={compile} loss {fast:.5f}, "
-              f"relative difference {rel:.2e} ({card})")
-        if rel > 2e-2:  # bf16 keeps 8 bits of mantissa: a per-mille error, never percents
-            raise SystemExit(f"error: the optimised path's loss is {rel:.1%} away from the plain path's")
+        check_paths(synthetic, card)
     run = build(synthetic, dtype, compile, batch_size)
     for i in range(warmup):
         run(i)
@@ -137,7 +203,8 @@ def main():
         rates.append(steps_per_repeat * batch_size / (time.perf_counter() - t0))
     images_per_s = statistics.median(rates)
     flops = flops_per_image(synthetic)
-    line = (f"{stage}: batch {batch_size}, {dtype}, compile={compile}, {card}: "
+    line = (f"{stage}: batch {batch_size}, {dtype}, compile={compile} ({compile_mode}, augmentation "
+            f"{'compiled' if compile and compile_augment else 'eager'}), {card}: "
             f"{1000 * batch_size / images_per_s:.2f} ms/step, {flops / 1e9:.2f} GFLOP/image")
     peak = peak_tflops or next((v for k, v in PEAKS.items() if k in card), 0.0)
     if peak:

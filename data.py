@@ -8,7 +8,6 @@ bicubic resampling rule, which the reference's PIL pipeline uses, and apply them
 matrix products (columns first, rounding to whole pixel values after each pass, as Pillow does), so
 the result equals Pillow's crop + resize; a flip is the column matrix reversed.
 """
-import functools
 import json
 import math
 import os
@@ -45,18 +44,12 @@ def permutation(n, seed, epoch, device):
     return torch.randperm(n, generator=g).to(device)
 
 
-@functools.lru_cache
-def pixel_stats(device):
-    # made once per device: building them from Python lists every step would be a host-to-device
-    # copy, which waits for the GPU to finish its queue
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1).mul(255).to(device)
-    return mean, torch.tensor(STD).view(1, 3, 1, 1).mul(255).to(device)
-
-
 def normalize(x):
     """(B, 3, H, W) pixel values in [0, 255] -> the network's input."""
-    mean, std = pixel_stats(x.device)
-    return (x - mean) / std
+    # the statistics are made by fills on x's device: a tensor made from a Python list would be a
+    # host-to-device copy, which waits for the GPU to finish its queue
+    stats = lambda values: torch.cat([torch.full((1, 1, 1, 1), 255 * v, device=x.device) for v in values], dim=1)
+    return (x - stats(MEAN)) / stats(STD)
 
 
 def to_float(images_u8):

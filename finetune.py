@@ -62,7 +62,8 @@ label_smoothing = 0.0
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-compile = torch.cuda.is_available()
+compile = torch.cuda.is_available()  # torch.compile the model and the augmentation
+compile_mode = "default"  # the model's torch.compile mode: 'reduce-overhead' adds CUDA graphs
 seed = 0
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
@@ -113,7 +114,7 @@ if resume:
 elif master and os.path.exists(log_path):
     os.remove(log_path)
 raw_model = model
-model = runtime.wrap_model(model, compile, device, world_size)
+model = runtime.wrap_model(model, compile, compile_mode, device, world_size)
 if master:
     print(f"fine-tuning {'from scratch' if init == 'scratch' else init} ({pool} head, "
           f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters) on {len(train_images):,} "
@@ -134,7 +135,7 @@ train_step = steps.make_finetune_step(
     model, optimizer, num_classes=num_classes, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
     crop_scale=crop_scale, rand_augment_ops=rand_augment_ops, rand_augment_magnitude=rand_augment_magnitude,
     reprob=reprob, mixup=mixup, cutmix=cutmix, label_smoothing=label_smoothing, clip_grad=clip_grad,
-    device=device, dtype=dtype)
+    device=device, dtype=dtype, compile_augment=compile)
 evaluate = lambda: steps.evaluate(raw_model, val_images, val_labels, batch_size=eval_batch_size, device=device,
                                   dtype=dtype, resize_to=eval_resize)
 window = torch.zeros(log_interval, device=device)  # losses since the last log point, read only there

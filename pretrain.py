@@ -62,7 +62,8 @@ max_iters = 0  # stop after this many iterations in all, without changing the sc
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-compile = torch.cuda.is_available()
+compile = torch.cuda.is_available()  # torch.compile the model and the augmentation
+compile_mode = "default"  # the model's torch.compile mode: 'reduce-overhead' adds CUDA graphs
 seed = 0
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
@@ -109,7 +110,7 @@ if ckpt is not None:
 elif master and os.path.exists(log_path):
     os.remove(log_path)
 raw_model = model
-model = runtime.wrap_model(model, compile, device, world_size)
+model = runtime.wrap_model(model, compile, compile_mode, device, world_size)
 if master:
     print(f"MAE {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters "
           f"(encoder {sum(p.numel() for p in raw_model.encoder.parameters()) / 1e6:.2f}M), "
@@ -143,7 +144,8 @@ def save_pictures(epochs_done):
 # training loop
 train_step = steps.make_pretrain_step(model, optimizer, num_patches=cfg.num_patches, batch_size=batch_size,
                                       rank=rank, world_size=world_size, seed=seed, crop_scale=crop_scale,
-                                      mask_ratio=mask_ratio, device=device, dtype=dtype)
+                                      mask_ratio=mask_ratio, device=device, dtype=dtype,
+                                      compile_augment=compile)
 window = torch.zeros(log_interval, device=device)  # losses since the last log point, read only there
 last_log, last_save = iter_num, time.time()
 progress = runtime.Progress(end_iter, iter_num, batch_size)

@@ -73,7 +73,8 @@ def train_head(features_of, labels, dim, num_classes):
     nn.init.trunc_normal_(head[1].weight, std=0.01)  # as the official linear probe
     nn.init.zeros_(head[1].bias)
     lr = blr * batch_size / 256
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
+                                  fused=device.startswith("cuda"))
     iters_per_epoch = n // batch_size
     progress = runtime.Progress(epochs * iters_per_epoch, 0, batch_size)
     for it in range(epochs * iters_per_epoch):

@@ -37,10 +37,16 @@ def setup_device(device, dtype, seed):
     return device, rank, world_size
 
 
-def wrap_model(model, compile, device, world_size):
-    """The module the training step calls: compiled, and inside DDP under torchrun."""
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def wrap_model(model, compile, compile_mode, device, world_size):
+    """The module the training step calls: compiled (mode 'reduce-overhead' also replays the forward
+    and backward as CUDA graphs), and inside DDP under torchrun."""
+    if compile_mode not in COMPILE_MODES:
+        raise SystemExit(f"error: compile_mode must be one of {', '.join(COMPILE_MODES)}, not {compile_mode!r}")
     if compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=compile_mode)
     if world_size > 1:
         model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
     return model

@@ -13,18 +13,33 @@ import augment
 import data
 import runtime
 
+# The augmentation is hundreds of small tensor ops (RandAugment alone runs every operation on the
+# whole batch), so it is compiled too; two inductor settings keep its random draws exactly eager's:
+# random ops call the eager kernels, in program order. Then compiled and plain runs see the same
+# crops and masks, and bench.py --check compares like with like.
+AUGMENT_COMPILE_OPTIONS = {"fallback_random": True, "reorder_for_locality": False}
+
+
+def compiled(augment_fn, compile_augment):
+    return torch.compile(augment_fn, dynamic=False, options=AUGMENT_COMPILE_OPTIONS) if compile_augment else augment_fn
+
 
 def make_pretrain_step(model, optimizer, *, num_patches, batch_size, rank, world_size, seed,
-                       crop_scale, mask_ratio, device, dtype):
+                       crop_scale, mask_ratio, device, dtype, compile_augment=False):
     local = batch_size // world_size
     mine = slice(rank * local, (rank + 1) * local)
 
+    @torch.no_grad()  # in fp32, outside autocast
+    def augment_batch(images_u8):
+        imgs = data.normalize(data.random_resized_crop_flip(data.to_float(images_u8), crop_scale))
+        noise = torch.rand(batch_size, num_patches, device=device)  # fixes the masks
+        return imgs[mine], noise[mine]  # (B/N, 3, H, W), (B/N, L)
+    augment_batch = compiled(augment_batch, compile_augment)
+
     def step(images_u8, it):
+        torch.compiler.cudagraph_mark_step_begin()  # with compile_mode='reduce-overhead': a new iteration
         runtime.seed_step(seed, it)
-        with torch.no_grad():  # augmentation in fp32, outside autocast
-            imgs = data.random_resized_crop_flip(data.to_float(images_u8), crop_scale)[mine]
-            imgs = data.normalize(imgs)  # (B/N, 3, H, W)
-            noise = torch.rand(batch_size, num_patches, device=device)[mine]  # fixes the masks
+        imgs, noise = augment_batch(images_u8)
         with runtime.autocast(device, dtype):
             loss, _, _ = model(imgs, mask_ratio, noise)
         loss.backward()
@@ -32,26 +47,32 @@ def make_pretrain_step(model, optimizer, *, num_patches, batch_size, rank, world
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    step.augment = augment_batch  # for bench.py --check
     return step
 
 
 def make_finetune_step(model, optimizer, *, num_classes, batch_size, rank, world_size, seed, crop_scale,
                        rand_augment_ops, rand_augment_magnitude, reprob, mixup, cutmix, label_smoothing,
-                       clip_grad, device, dtype):
+                       clip_grad, device, dtype, compile_augment=False):
     local = batch_size // world_size
     mine = slice(rank * local, (rank + 1) * local)
 
+    @torch.no_grad()
+    def augment_batch(images_u8, labels):
+        x = data.random_resized_crop_flip(data.to_float(images_u8), crop_scale)  # (B, 3, H, W), 0..255
+        if rand_augment_ops > 0:
+            x = augment.rand_augment(x, rand_augment_ops, rand_augment_magnitude)
+        x = data.normalize(x)
+        if reprob > 0:
+            x = augment.random_erasing(x, reprob)
+        x, targets = augment.mixup_cutmix(x, labels, num_classes, mixup, cutmix, label_smoothing=label_smoothing)
+        return x[mine], targets[mine]  # (B/N, 3, H, W), (B/N, C)
+    augment_batch = compiled(augment_batch, compile_augment)
+
     def step(images_u8, labels, it):
+        torch.compiler.cudagraph_mark_step_begin()
         runtime.seed_step(seed, it)
-        with torch.no_grad():
-            x = data.random_resized_crop_flip(data.to_float(images_u8), crop_scale)  # (B, 3, H, W), 0..255
-            if rand_augment_ops > 0:
-                x = augment.rand_augment(x, rand_augment_ops, rand_augment_magnitude)
-            x = data.normalize(x)
-            if reprob > 0:
-                x = augment.random_erasing(x, reprob)
-            x, targets = augment.mixup_cutmix(x, labels, num_classes, mixup, cutmix, label_smoothing=label_smoothing)
-            x, targets = x[mine], targets[mine]
+        x, targets = augment_batch(images_u8, labels)
         runtime.seed_step(seed, it, stream=1 + rank)  # this process's own draws (drop path)
         with runtime.autocast(device, dtype):
             logits = model(x)
@@ -63,6 +84,7 @@ def make_finetune_step(model, optimizer, *, num_classes, batch_size, rank, world
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    step.augment = augment_batch
     return step
 
 

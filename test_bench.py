@@ -19,6 +19,9 @@ def test_optimised_path_gives_the_plain_loss(stage):
     rel = float(re.search(r"relative difference ([0-9.e+-]+)", result.stdout).group(1))
     print(f"{stage}: compiled bf16 vs eager fp32 loss, relative difference {rel:.2e}")
     assert rel < 2e-2
+    # the compiled augmentation draws and computes exactly what the eager one does
+    differing = [float(f) for f in re.findall(r"augmentation, .*: ([0-9.e+-]+) of the values differ", result.stdout)]
+    assert len(differing) == 2 and max(differing) == 0.0
 
 
 def test_bench_reports_throughput_and_flops():
@@ -31,6 +34,16 @@ def test_bench_reports_throughput_and_flops():
     gflops = float(re.search(r"([0-9.]+) GFLOP/image", result.stdout).group(1))
     assert 2.0 < gflops < 2.3
     assert "aten::" in result.stdout  # the profile table
+
+
+def test_attention_table_times_each_kernel():
+    result = run(["bench.py", "--stage=attention", "--device=cpu", "--dtype=float32", "--repeats=1",
+                  "--steps_per_repeat=1"])
+    header, *rows = result.stdout.strip().splitlines()[1:]
+    assert header.split()[-5:] == ["auto", "flash", "efficient", "cudnn", "math"]
+    assert len(rows) == 3
+    for row in rows:  # the plain math kernel runs everywhere
+        assert float(row.split()[-1]) > 0
 
 
 if __name__ == "__main__":
