@@ -39,8 +39,7 @@ peak_tflops = 0.0  # the device's dense bf16 peak; 0: look it up by the GPU's na
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 compile = torch.cuda.is_available()
-compile_mode = "default"  # the model's torch.compile mode, as in pretrain.py
-compile_augment = True  # False: the model compiled, the augmentation eager (to see what compiling it buys)
+cuda_graph = torch.cuda.is_available()  # replay each step as CUDA graphs, as pretrain.py does
 seed = 0
 # -----------------------------------------------------------------------------
 # dense bf16 tensor-core peaks, TFLOP/s: the 790 of ../shared/reference.md for Hopper cards
@@ -56,10 +55,10 @@ def synthetic_data(device):
     return images, labels, torch.randperm(NUM_IMAGES, generator=g).to(device)
 
 
-def build(synthetic, dtype, compile, batch_size):
+def build(synthetic, dtype, compile, cuda_graph, batch_size, checking=False):
     """The model, optimizer and step function as the stage script builds them; returns run(i),
     which sets the lr and runs training step i on the next batch, as the loops do, and
-    run.augment(i), step i's augmented batch alone."""
+    run.augment(i), step i's augmented batch alone. checking: a model the guard can compare."""
     images, labels, order = synthetic
     device = str(images.device)
     torch.manual_seed(seed)
@@ -68,21 +67,24 @@ def build(synthetic, dtype, compile, batch_size):
         model = MAE(cfg).to(device)
         optimizer = torch.optim.AdamW(runtime.param_groups(model, 0.15), lr=1e-4, betas=(0.9, 0.95),
                                       fused=device.startswith("cuda"))
-        step = steps.make_pretrain_step(runtime.wrap_model(model, compile, compile_mode, device, 1), optimizer,
+        step = steps.make_pretrain_step(runtime.wrap_model(model, compile, device, 1), optimizer,
                                         num_patches=cfg.num_patches, batch_size=batch_size, rank=0, world_size=1,
                                         seed=seed, crop_scale=(0.2, 1.0), mask_ratio=0.75, device=device, dtype=dtype,
-                                        compile_augment=compile and compile_augment)
+                                        cuda_graph=cuda_graph)
     else:  # config/ft_tin.py's augmentation, the heaviest we have
-        model = Classifier(cfg, NUM_CLASSES, pool="avg", drop_path=0.1).to(device)
-        if check:  # a fresh head's tiny weights make every loss log(200): let the features decide it
+        # the guard's model has no drop path, whose masks the compiled model draws with inductor's own
+        # RNG rather than eager's, and a head of ordinary weights: a fresh head's tiny ones make every
+        # loss log(200), whatever the features
+        model = Classifier(cfg, NUM_CLASSES, pool="avg", drop_path=0.0 if checking else 0.1).to(device)
+        if checking:
             torch.nn.init.normal_(model.head.weight, std=1.0)
         optimizer = torch.optim.AdamW(runtime.layer_decay_groups(model, 0.05, 0.75), lr=1e-4, betas=(0.9, 0.999),
                                       fused=device.startswith("cuda"))
         step = steps.make_finetune_step(
-            runtime.wrap_model(model, compile, compile_mode, device, 1), optimizer, num_classes=NUM_CLASSES,
+            runtime.wrap_model(model, compile, device, 1), optimizer, num_classes=NUM_CLASSES,
             batch_size=batch_size, rank=0, world_size=1, seed=seed, crop_scale=(0.08, 1.0), rand_augment_ops=2,
             rand_augment_magnitude=9, reprob=0.25, mixup=0.8, cutmix=1.0, label_smoothing=0.1, clip_grad=0.0,
-            device=device, dtype=dtype, compile_augment=compile and compile_augment)
+            device=device, dtype=dtype, cuda_graph=cuda_graph)
 
     def batch(i):
         idx = order[(i * batch_size) % (NUM_IMAGES - batch_size):][:batch_size]
@@ -107,7 +109,7 @@ def sync():
 def flops_per_image(synthetic):
     """Forward + backward FLOPs of one image through the model (matrix products and attention;
     the augmentation and the optimizer are a rounding error)."""
-    run = build(synthetic, "float32", False, 8)
+    run = build(synthetic, "float32", False, False, 8)
     # the math attention backend is plain matrix products, which the counter knows on every device
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         run(0)
@@ -115,22 +117,26 @@ def flops_per_image(synthetic):
 
 
 def check_paths(synthetic, card):
-    """The correctness guard: the optimised path's augmentation equals the plain one's, and its loss
-    on that batch is the plain fp32 eager loss up to bf16 rounding."""
-    plain, fast = build(synthetic, "float32", False, batch_size), build(synthetic, dtype, compile, batch_size)
+    """The correctness guard, on the same batches: the optimised path's augmentation equals the plain
+    one's, and its loss is the plain fp32 eager loss up to bf16 rounding. Four steps, so that with
+    cuda_graph the last two are graph replays (the first two run eagerly, see runtime.cuda_graphed)."""
+    plain = build(synthetic, "float32", False, False, batch_size, checking=True)
+    fast = build(synthetic, dtype, compile, cuda_graph, batch_size, checking=True)
     names = ("images", "mask noise") if stage == "pretrain" else ("images", "soft targets")
-    for name, a, b in zip(names, plain.augment(0), fast.augment(0)):
-        differ = ((a - b).abs() > 1e-4).float().mean().item()
-        print(f"check {stage} augmentation, {name}: {differ:.2e} of the values differ, "
-              f"largest difference {(a - b).abs().max().item():.2e}")
-        if differ > 1e-3:  # the random draws were not eager's, or a resampling pass rounded otherwise
-            raise SystemExit(f"error: the optimised augmentation's {name} differ from the plain path's")
-    plain_loss, fast_loss = plain(0).item(), fast(0).item()
-    rel = abs(fast_loss - plain_loss) / abs(plain_loss)
-    print(f"check {stage}: plain fp32 eager loss {plain_loss:.5f}, {dtype} compile={compile} ({compile_mode}) "
-          f"loss {fast_loss:.5f}, relative difference {rel:.2e} ({card})")
-    if rel > 2e-2:  # bf16 keeps 8 bits of mantissa: a per-mille error, never percents
-        raise SystemExit(f"error: the optimised path's loss is {rel:.1%} away from the plain path's")
+    for i in range(4):
+        for name, a, b in zip(names, plain.augment(i), fast.augment(i)):
+            differ = ((a - b).abs() > 1e-4).float().mean().item()
+            print(f"check {stage} step {i} augmentation, {name}: {differ:.2e} of the values differ, "
+                  f"largest difference {(a - b).abs().max().item():.2e}")
+            if differ > 1e-3:  # other random draws, or a resampling pass that rounded otherwise
+                raise SystemExit(f"error: the optimised augmentation's {name} differ from the plain path's")
+    for i in range(4):
+        plain_loss, fast_loss = plain(i).item(), fast(i).item()
+        rel = abs(fast_loss - plain_loss) / abs(plain_loss)
+        print(f"check {stage} step {i}: plain fp32 eager loss {plain_loss:.5f}, {dtype} compile={compile} "
+              f"cuda_graph={cuda_graph} loss {fast_loss:.5f}, relative difference {rel:.2e} ({card})")
+        if rel > 2e-2:  # bf16 keeps 8 bits of mantissa: a per-mille error, never percents
+            raise SystemExit(f"error: the optimised path's loss is {rel:.1%} away from the plain path's")
 
 
 def attention_times():
@@ -172,6 +178,7 @@ def main():
     if stage not in ("pretrain", "finetune", "attention"):
         raise SystemExit(f"error: stage must be 'pretrain', 'finetune' or 'attention', not {stage!r}")
     runtime.setup_device(device, dtype, seed)
+    runtime.use_cuda_graphs(cuda_graph, device, 1)
     card = runtime.hardware(device)
     if stage == "attention":
         print(card)
@@ -179,7 +186,7 @@ def main():
     synthetic = synthetic_data(device)
     if check:  # the same first batch, crops, masks and weights through both paths
         check_paths(synthetic, card)
-    run = build(synthetic, dtype, compile, batch_size)
+    run = build(synthetic, dtype, compile, cuda_graph, batch_size)
     for i in range(warmup):
         run(i)
     sync()
@@ -203,8 +210,7 @@ def main():
         rates.append(steps_per_repeat * batch_size / (time.perf_counter() - t0))
     images_per_s = statistics.median(rates)
     flops = flops_per_image(synthetic)
-    line = (f"{stage}: batch {batch_size}, {dtype}, compile={compile} ({compile_mode}, augmentation "
-            f"{'compiled' if compile and compile_augment else 'eager'}), {card}: "
+    line = (f"{stage}: batch {batch_size}, {dtype}, compile={compile}, cuda_graph={cuda_graph}, {card}: "
             f"{1000 * batch_size / images_per_s:.2f} ms/step, {flops / 1e9:.2f} GFLOP/image")
     peak = peak_tflops or next((v for k, v in PEAKS.items() if k in card), 0.0)
     if peak:

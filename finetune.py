@@ -62,8 +62,8 @@ label_smoothing = 0.0
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-compile = torch.cuda.is_available()  # torch.compile the model and the augmentation
-compile_mode = "default"  # the model's torch.compile mode: 'reduce-overhead' adds CUDA graphs
+compile = torch.cuda.is_available()
+cuda_graph = torch.cuda.is_available()  # replay each step as CUDA graphs (one process only)
 seed = 0
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
@@ -71,6 +71,7 @@ if pool not in ("cls", "avg"):
     raise SystemExit(f"error: pool must be 'cls' or 'avg', not {pool!r}")
 
 device, rank, world_size = runtime.setup_device(device, dtype, seed)
+graphs = runtime.use_cuda_graphs(cuda_graph, device, world_size)
 master = rank == 0
 if batch_size % world_size:
     raise SystemExit(f"error: batch_size={batch_size} does not split over {world_size} processes")
@@ -105,7 +106,7 @@ iter_num, best_top1, train_time, epoch_loss_sum = 0, 0.0, 0.0, 0.0
 if resume:
     ckpt = runtime.load_checkpoint(last_path, ("model", "optimizer", "model_args", "iter_num"))
     model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    runtime.load_optimizer(optimizer, ckpt["optimizer"])
     iter_num, best_top1, train_time = ckpt["iter_num"], ckpt["best_top1"], ckpt["train_time"]
     epoch_loss_sum, pretrain_epoch = ckpt["epoch_loss_sum"], ckpt["pretrain_epoch"]
     del ckpt
@@ -114,12 +115,12 @@ if resume:
 elif master and os.path.exists(log_path):
     os.remove(log_path)
 raw_model = model
-model = runtime.wrap_model(model, compile, compile_mode, device, world_size)
+model = runtime.wrap_model(model, compile, device, world_size)
 if master:
     print(f"fine-tuning {'from scratch' if init == 'scratch' else init} ({pool} head, "
           f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters) on {len(train_images):,} "
           f"images of {num_classes} classes, {iters_per_epoch} iterations per epoch, {world_size} process(es), "
-          f"device {device}, {dtype}, lr {lr:.2e}")
+          f"device {device}, {dtype}, CUDA graphs {'on' if graphs else 'off'}, lr {lr:.2e}")
 
 
 def save_checkpoint(path, done):
@@ -135,7 +136,7 @@ train_step = steps.make_finetune_step(
     model, optimizer, num_classes=num_classes, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
     crop_scale=crop_scale, rand_augment_ops=rand_augment_ops, rand_augment_magnitude=rand_augment_magnitude,
     reprob=reprob, mixup=mixup, cutmix=cutmix, label_smoothing=label_smoothing, clip_grad=clip_grad,
-    device=device, dtype=dtype, compile_augment=compile)
+    device=device, dtype=dtype, cuda_graph=graphs)
 evaluate = lambda: steps.evaluate(raw_model, val_images, val_labels, batch_size=eval_batch_size, device=device,
                                   dtype=dtype, resize_to=eval_resize)
 window = torch.zeros(log_interval, device=device)  # losses since the last log point, read only there
@@ -162,7 +163,7 @@ for it in range(iter_num, total_iters):
     if master:
         images_per_s, eta = progress.tick(done)
         print(f"epoch {done / iters_per_epoch:6.2f}/{epochs} | iter {done}/{total_iters} | loss {losses[-1]:.4f} | "
-              f"lr {optimizer.param_groups[-1]['lr']:.2e} | {images_per_s:,.0f} img/s | "
+              f"lr {float(optimizer.param_groups[-1]['lr']):.2e} | {images_per_s:,.0f} img/s | "
               f"ETA {runtime.fmt_duration(eta)}", flush=True)
     if epoch_end and (epochs_done % eval_every == 0 or epochs_done == epochs):
         top1, top5 = evaluate()
@@ -172,7 +173,7 @@ for it in range(iter_num, total_iters):
             print(f"epoch {epochs_done}: validation top-1 {top1:.2f}% top-5 {top5:.2f}% (best {best_top1:.2f}%)")
             with open(log_path, "a") as f:
                 f.write(json.dumps({"epoch": epochs_done, "loss": epoch_loss_sum / iters_per_epoch, "top1": top1,
-                                    "top5": top5, "lr": optimizer.param_groups[-1]["lr"]}) + "\n")
+                                    "top5": top5, "lr": float(optimizer.param_groups[-1]["lr"])}) + "\n")
             if improved:
                 save_checkpoint(best_path, done)
     if epoch_end:

@@ -62,13 +62,14 @@ max_iters = 0  # stop after this many iterations in all, without changing the sc
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-compile = torch.cuda.is_available()  # torch.compile the model and the augmentation
-compile_mode = "default"  # the model's torch.compile mode: 'reduce-overhead' adds CUDA graphs
+compile = torch.cuda.is_available()
+cuda_graph = torch.cuda.is_available()  # replay each step as CUDA graphs (one process only)
 seed = 0
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
 
 device, rank, world_size = runtime.setup_device(device, dtype, seed)
+graphs = runtime.use_cuda_graphs(cuda_graph, device, world_size)
 master = rank == 0
 if batch_size % world_size:
     raise SystemExit(f"error: batch_size={batch_size} does not split over {world_size} processes")
@@ -102,7 +103,7 @@ optimizer = torch.optim.AdamW(runtime.param_groups(model, weight_decay), lr=lr, 
 iter_num, epoch_loss_sum = 0, 0.0
 if ckpt is not None:
     model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    runtime.load_optimizer(optimizer, ckpt["optimizer"])
     iter_num, epoch_loss_sum = ckpt["iter_num"], ckpt["epoch_loss_sum"]
     if master:
         runtime.truncate_log(log_path, iter_num // iters_per_epoch)
@@ -110,12 +111,12 @@ if ckpt is not None:
 elif master and os.path.exists(log_path):
     os.remove(log_path)
 raw_model = model
-model = runtime.wrap_model(model, compile, compile_mode, device, world_size)
+model = runtime.wrap_model(model, compile, device, world_size)
 if master:
     print(f"MAE {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters "
           f"(encoder {sum(p.numel() for p in raw_model.encoder.parameters()) / 1e6:.2f}M), "
           f"{len(train_images):,} training images, {iters_per_epoch} iterations per epoch, "
-          f"{world_size} process(es), device {device}, {dtype}, lr {lr:.2e}")
+          f"{world_size} process(es), device {device}, {dtype}, CUDA graphs {'on' if graphs else 'off'}, lr {lr:.2e}")
 
 # fixed validation images and masks for the reconstruction pictures
 picture_ids = torch.linspace(0, len(val_images) - 1, 8).long()
@@ -145,7 +146,7 @@ def save_pictures(epochs_done):
 train_step = steps.make_pretrain_step(model, optimizer, num_patches=cfg.num_patches, batch_size=batch_size,
                                       rank=rank, world_size=world_size, seed=seed, crop_scale=crop_scale,
                                       mask_ratio=mask_ratio, device=device, dtype=dtype,
-                                      compile_augment=compile)
+                                      cuda_graph=graphs)
 window = torch.zeros(log_interval, device=device)  # losses since the last log point, read only there
 last_log, last_save = iter_num, time.time()
 progress = runtime.Progress(end_iter, iter_num, batch_size)
@@ -169,13 +170,13 @@ for it in range(iter_num, end_iter):
     if master:
         images_per_s, eta = progress.tick(done)
         print(f"epoch {done / iters_per_epoch:7.2f}/{epochs} | iter {done}/{end_iter} | loss {losses[-1]:.4f} | "
-              f"lr {optimizer.param_groups[0]['lr']:.2e} | {images_per_s:,.0f} img/s | "
+              f"lr {float(optimizer.param_groups[0]['lr']):.2e} | {images_per_s:,.0f} img/s | "
               f"ETA {runtime.fmt_duration(eta)}", flush=True)
     if epoch_end:
         if master:
             with open(log_path, "a") as f:
                 f.write(json.dumps({"epoch": epochs_done, "loss": epoch_loss_sum / iters_per_epoch,
-                                    "lr": optimizer.param_groups[0]["lr"], "time": time.time()}) + "\n")
+                                    "lr": float(optimizer.param_groups[0]["lr"]), "time": time.time()}) + "\n")
         epoch_loss_sum = 0.0
     if master and keep:
         save_checkpoint(os.path.join(out_dir, f"ckpt_{epochs_done}.pt"), done, epoch_loss_sum)

@@ -5,6 +5,8 @@ bench.py, so the benchmark times exactly the code that training runs.
 A step takes the global batch as uint8 (B, H, W, 3) on the device. Every process draws the random
 augmentation of the whole global batch from the RNG seeded by (seed, iteration), then keeps its own
 slice: N processes train on exactly what one would, and a resumed run repeats an uninterrupted one.
+With cuda_graph (one process on a GPU) the augmentation and the training update are each recorded
+once as a CUDA graph and replayed (runtime.cuda_graphed): the same kernels, two launches a step.
 """
 import torch
 import torch.nn.functional as F
@@ -13,19 +15,9 @@ import augment
 import data
 import runtime
 
-# The augmentation is hundreds of small tensor ops (RandAugment alone runs every operation on the
-# whole batch), so it is compiled too; two inductor settings keep its random draws exactly eager's:
-# random ops call the eager kernels, in program order. Then compiled and plain runs see the same
-# crops and masks, and bench.py --check compares like with like.
-AUGMENT_COMPILE_OPTIONS = {"fallback_random": True, "reorder_for_locality": False}
-
-
-def compiled(augment_fn, compile_augment):
-    return torch.compile(augment_fn, dynamic=False, options=AUGMENT_COMPILE_OPTIONS) if compile_augment else augment_fn
-
 
 def make_pretrain_step(model, optimizer, *, num_patches, batch_size, rank, world_size, seed,
-                       crop_scale, mask_ratio, device, dtype, compile_augment=False):
+                       crop_scale, mask_ratio, device, dtype, cuda_graph=False):
     local = batch_size // world_size
     mine = slice(rank * local, (rank + 1) * local)
 
@@ -34,12 +26,8 @@ def make_pretrain_step(model, optimizer, *, num_patches, batch_size, rank, world
         imgs = data.normalize(data.random_resized_crop_flip(data.to_float(images_u8), crop_scale))
         noise = torch.rand(batch_size, num_patches, device=device)  # fixes the masks
         return imgs[mine], noise[mine]  # (B/N, 3, H, W), (B/N, L)
-    augment_batch = compiled(augment_batch, compile_augment)
 
-    def step(images_u8, it):
-        torch.compiler.cudagraph_mark_step_begin()  # with compile_mode='reduce-overhead': a new iteration
-        runtime.seed_step(seed, it)
-        imgs, noise = augment_batch(images_u8)
+    def train(imgs, noise):
         with runtime.autocast(device, dtype):
             loss, _, _ = model(imgs, mask_ratio, noise)
         loss.backward()
@@ -47,13 +35,21 @@ def make_pretrain_step(model, optimizer, *, num_patches, batch_size, rank, world
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    if cuda_graph:
+        runtime.make_capturable(optimizer, device)
+        augment_batch, train = runtime.cuda_graphed(augment_batch), runtime.cuda_graphed(train)
+
+    def step(images_u8, it):
+        runtime.seed_step(seed, it)
+        return train(*augment_batch(images_u8))
+
     step.augment = augment_batch  # for bench.py --check
     return step
 
 
 def make_finetune_step(model, optimizer, *, num_classes, batch_size, rank, world_size, seed, crop_scale,
                        rand_augment_ops, rand_augment_magnitude, reprob, mixup, cutmix, label_smoothing,
-                       clip_grad, device, dtype, compile_augment=False):
+                       clip_grad, device, dtype, cuda_graph=False):
     local = batch_size // world_size
     mine = slice(rank * local, (rank + 1) * local)
 
@@ -67,13 +63,8 @@ def make_finetune_step(model, optimizer, *, num_classes, batch_size, rank, world
             x = augment.random_erasing(x, reprob)
         x, targets = augment.mixup_cutmix(x, labels, num_classes, mixup, cutmix, label_smoothing=label_smoothing)
         return x[mine], targets[mine]  # (B/N, 3, H, W), (B/N, C)
-    augment_batch = compiled(augment_batch, compile_augment)
 
-    def step(images_u8, labels, it):
-        torch.compiler.cudagraph_mark_step_begin()
-        runtime.seed_step(seed, it)
-        x, targets = augment_batch(images_u8, labels)
-        runtime.seed_step(seed, it, stream=1 + rank)  # this process's own draws (drop path)
+    def train(x, targets):
         with runtime.autocast(device, dtype):
             logits = model(x)
         loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()  # soft-target CE
@@ -83,6 +74,16 @@ def make_finetune_step(model, optimizer, *, num_classes, batch_size, rank, world
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+    if cuda_graph:
+        runtime.make_capturable(optimizer, device)
+        augment_batch, train = runtime.cuda_graphed(augment_batch), runtime.cuda_graphed(train)
+
+    def step(images_u8, labels, it):
+        runtime.seed_step(seed, it)
+        x, targets = augment_batch(images_u8, labels)
+        runtime.seed_step(seed, it, stream=1 + rank)  # this process's own draws (drop path)
+        return train(x, targets)
 
     step.augment = augment_batch
     return step

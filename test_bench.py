@@ -16,12 +16,12 @@ def test_optimised_path_gives_the_plain_loss(stage):
     # compile=True, bfloat16 is the CUDA default; on the CPU it compiles C++ kernels instead
     result = run(["bench.py", f"--stage={stage}", "--check=True", "--compile=True", "--dtype=bfloat16",
                   "--device=cpu", "--batch_size=8", "--warmup=1", "--steps_per_repeat=1", "--repeats=1"])
-    rel = float(re.search(r"relative difference ([0-9.e+-]+)", result.stdout).group(1))
-    print(f"{stage}: compiled bf16 vs eager fp32 loss, relative difference {rel:.2e}")
-    assert rel < 2e-2
-    # the compiled augmentation draws and computes exactly what the eager one does
+    rels = [float(r) for r in re.findall(r"relative difference ([0-9.e+-]+)", result.stdout)]
+    print(f"{stage}: compiled bf16 vs eager fp32 loss over 4 steps, relative differences {rels}")
+    assert len(rels) == 4 and max(rels) < 2e-2
+    # the same crops, masks and targets: the optimised path changes no random draw
     differing = [float(f) for f in re.findall(r"augmentation, .*: ([0-9.e+-]+) of the values differ", result.stdout)]
-    assert len(differing) == 2 and max(differing) == 0.0
+    assert len(differing) == 8 and max(differing) == 0.0
 
 
 def test_bench_reports_throughput_and_flops():

@@ -138,6 +138,31 @@ def test_schedule_is_the_official_per_iteration_warmup_cosine():
         assert cosine_lr(it, lr, warmup_epochs * per_epoch, epochs * per_epoch) == pytest.approx(expected, abs=1e-12)
 
 
+def test_cuda_graph_run_state_resumes_in_a_plain_run():
+    # a CUDA-graph run's optimizer keeps its lr as a device tensor and capturable=True; the state dict
+    # of such a run (made here by hand, on the CPU) must load into an ordinary optimizer and step it
+    from runtime import load_optimizer
+    param = torch.nn.Parameter(torch.ones(4))
+    graph_run = torch.optim.AdamW([param], lr=0.1)
+    param.grad = torch.ones(4)
+    graph_run.step()
+    state = graph_run.state_dict()
+    state["param_groups"][0].update(lr=torch.tensor(0.05), capturable=True)
+    plain = torch.optim.AdamW([param], lr=0.1)
+    load_optimizer(plain, state)
+    group = plain.param_groups[0]
+    assert group["lr"] == pytest.approx(0.05) and type(group["lr"]) is float and group["capturable"] is False
+    plain.step()  # a tensor lr or capturable=True would raise here on the CPU
+    assert torch.allclose(plain.state[param]["exp_avg"], torch.full((4,), 0.9 * 0.1 + 0.1))  # the moments came along
+
+
+def test_cuda_graph_on_the_cpu_is_one_clear_error(data_dir, tmp_path):
+    result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--cuda_graph=True"],
+                 check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == "error: cuda_graph=True needs a CUDA device, not device='cpu'"
+
+
 def test_configurator_rejects_unknown_keys_and_wrong_types(tmp_path):
     ns = {"batch_size": 256, "blr": 5e-4, "device": "cpu", "compile": True, "crop_scale": (0.2, 1.0)}
     config = configure(ns, ["--batch_size=64", "--blr=1", "--device=cuda", "--compile=False", "--crop_scale=[0.5,1]"])
