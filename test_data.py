@@ -23,9 +23,10 @@ def sample_images(n=8):
         with zipfile.ZipFile(ZIP) as z:
             return np.stack([np.asarray(Image.open(io.BytesIO(z.read(f"tiny-imagenet-200/val/images/val_{i}.JPEG")))
                                         .convert("RGB")) for i in range(n)])
-    yy, xx = np.mgrid[0:64, 0:64]
-    return np.stack([np.stack([(xx * (3 + i) + yy * 2) % 256, (yy * (5 + i)) % 256, (xx * yy // (i + 1)) % 256], -1)
-                     for i in range(n)]).astype(np.uint8)
+    yy, xx = np.mgrid[0:64, 0:64] / 64
+    wave = lambda phase: 127.5 + 127 * np.sin(2 * np.pi * phase)
+    return np.stack([np.stack([wave(xx * (1 + i % 3) + yy / 2), wave(yy * (1 + i % 2) - xx * 0.3 + 0.25),
+                               wave((xx + yy) * (0.5 + i / 8))], -1) for i in range(n)]).round().astype(np.uint8)
 
 
 def pillow_crop(img, top, left, h, w, flip, size):
