@@ -24,7 +24,47 @@ import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------------
 # the 14 RandAugment operations, each op(images, magnitude) with magnitude (B,) in
-# the op's own units; images are float, integer-valued in [0, 255], as a uint8 PIL image
+# the op's own units; images are float, integer-valued in [0, 255], as a uint8 PIL image.
+# Five are one resampling with their own affine matrix (AFFINE) and four are one blend
+# towards their own degenerate image (DEGENERATE): rand_augment runs each family once,
+# every image with its own matrix or degenerate image, instead of once per op.
+
+def _affine(images, matrix):
+    # Image.transform(size, AFFINE, matrix, NEAREST, fillcolor=0), matrix (B, 6) float64. For any
+    # image smaller than 32768 px, Pillow takes its 16.16 fixed-point path, reproduced here bit for
+    # bit: output (x, y) reads input (a(x+.5) + b(y+.5) + c, d(x+.5) + e(y+.5) + f)
+    B, C, H, W = images.shape
+    a, b, c, d, e, f = matrix.unbind(1)
+    fix = lambda v: torch.floor(v * 65536.0 + 0.5).long().view(B, 1, 1)
+    y = torch.arange(H, device=images.device).view(1, H, 1)
+    x = torch.arange(W, device=images.device).view(1, 1, W)
+    xin = (fix(c + a * 0.5 + b * 0.5) + x * fix(a) + y * fix(b)) >> 16
+    yin = (fix(f + d * 0.5 + e * 0.5) + x * fix(d) + y * fix(e)) >> 16
+    inside = (xin >= 0) & (xin < W) & (yin >= 0) & (yin < H)
+    index = (yin.clamp(0, H - 1) * W + xin.clamp(0, W - 1)).view(B, 1, H * W).expand(B, C, H * W)
+    out = images.reshape(B, C, H * W).gather(2, index).view(B, C, H, W)
+    return torch.where(inside.unsqueeze(1), out, 0.0)
+
+def _matrix(like, *entries):
+    # (B, 6) float64 affine matrices from numbers and (B,) tensors; float64 like Pillow, so the
+    # fixed-point coefficients round as they do there. Fills, not torch.tensor: no host-to-device copy
+    return torch.stack([e if isinstance(e, torch.Tensor) else torch.full_like(like, e) for e in entries], 1)
+
+def _rotation(degrees, H, W):
+    # Image.rotate(degrees, NEAREST, expand=False, fillcolor=0): counter-clockwise about
+    # (W/2, H/2), Pillow's inverse matrix
+    angle = -torch.deg2rad(degrees)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    cx, cy = W / 2, H / 2
+    return _matrix(degrees, cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy)
+
+AFFINE = {  # (B,) float64 magnitudes, H, W -> (B, 6) matrices, as torchvision builds them
+    'ShearX': lambda m, H, W: _matrix(m, 1, m, 0, 0, 1, 0),  # affine(shear=[degrees(atan(m)), 0], center=[0, 0])
+    'ShearY': lambda m, H, W: _matrix(m, 1, 0, 0, m, 1, 0),
+    'TranslateX': lambda t, H, W: _matrix(t, 1, 0, -t.trunc(), 0, 1, 0),  # int(magnitude) pixels
+    'TranslateY': lambda t, H, W: _matrix(t, 1, 0, 0, 0, 1, -t.trunc()),
+    'Rotate': _rotation,
+}
 
 def _blend(degenerate, images, factor):
     # Pillow's Image.blend in float32, then clip and truncate to uint8
@@ -36,73 +76,26 @@ def _grayscale(images):
     r, g, b = images.unbind(1)
     return torch.floor((19595 * r + 38470 * g + 7471 * b + 32768) / 65536).unsqueeze(1)
 
-def _affine(images, a, b, c, d, e, f):
-    # Image.transform(size, AFFINE, (a,b,c,d,e,f), NEAREST, fillcolor=0). For any image
-    # smaller than 32768 px, Pillow takes its 16.16 fixed-point path, reproduced here
-    # bit for bit: output (x, y) reads input (a(x+.5) + b(y+.5) + c, d(x+.5) + e(y+.5) + f)
-    B, C, H, W = images.shape
-    fix = lambda v: torch.floor(v * 65536.0 + 0.5).long().view(B, 1, 1)
-    y = torch.arange(H, device=images.device).view(1, H, 1)
-    x = torch.arange(W, device=images.device).view(1, 1, W)
-    xin = (fix(c + a * 0.5 + b * 0.5) + x * fix(a) + y * fix(b)) >> 16
-    yin = (fix(f + d * 0.5 + e * 0.5) + x * fix(d) + y * fix(e)) >> 16
-    inside = (xin >= 0) & (xin < W) & (yin >= 0) & (yin < H)
-    index = (yin.clamp(0, H - 1) * W + xin.clamp(0, W - 1)).view(B, 1, H * W).expand(B, C, H * W)
-    out = images.reshape(B, C, H * W).gather(2, index).view(B, C, H, W)
-    return torch.where(inside.unsqueeze(1), out, 0.0)
-
-def _coeffs(m):
-    # float64 like Pillow, so the fixed-point coefficients round as they do there
-    m = m.double()
-    return m, torch.zeros_like(m), torch.ones_like(m)
-
-def shear_x(images, m):
-    # torchvision: affine(shear=[degrees(atan(m)), 0], center=[0, 0]) -> (1, m, 0, 0, 1, 0)
-    m, zero, one = _coeffs(m)
-    return _affine(images, one, m, zero, zero, one, zero)
-
-def shear_y(images, m):
-    m, zero, one = _coeffs(m)
-    return _affine(images, one, zero, zero, m, one, zero)
-
-def translate_x(images, t):
-    # torchvision passes int(magnitude) pixels: (1, 0, -t, 0, 1, 0)
-    t, zero, one = _coeffs(t)
-    return _affine(images, one, zero, -t.trunc(), zero, one, zero)
-
-def translate_y(images, t):
-    t, zero, one = _coeffs(t)
-    return _affine(images, one, zero, zero, zero, one, -t.trunc())
-
-def rotate(images, degrees):
-    # Image.rotate(degrees, NEAREST, expand=False, fillcolor=0): counter-clockwise
-    # about (W/2, H/2), Pillow's inverse matrix
-    H, W = images.shape[-2:]
-    angle = -torch.deg2rad(degrees.double())
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    cx, cy = W / 2, H / 2
-    return _affine(images, cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy)
-
-def brightness(images, m):
-    return _blend(torch.zeros_like(images), images, 1 + m)
-
-def color(images, m):
-    return _blend(_grayscale(images).expand_as(images), images, 1 + m)
-
-def contrast(images, m):
-    gray = _grayscale(images)
+def _mean_gray(images, gray):
+    # ImageEnhance.Contrast's degenerate: int(mean + 0.5) of the grayscale image, exactly
     n = gray[0].numel()
-    mean = (2 * gray.sum((1, 2, 3)).long() + n) // (2 * n)  # int(mean + 0.5), exactly
-    return _blend(mean.to(images.dtype).view(-1, 1, 1, 1).expand_as(images), images, 1 + m)
+    return ((2 * gray.sum((1, 2, 3)).long() + n) // (2 * n)).to(images.dtype).view(-1, 1, 1, 1)
 
-def sharpness(images, m):
-    # degenerate: ImageFilter.SMOOTH, whose border pixels stay the original ones
+def _smooth(images, gray):
+    # ImageFilter.SMOOTH, whose border pixels stay the original ones
     kernel = torch.ones(3, 1, 3, 3, device=images.device)  # ones and a fill: no host-to-device copy
     kernel[:, :, 1, 1] = 5
     smooth = torch.floor((F.conv2d(images, kernel, groups=3) + 6.5) / 13)  # round half up
     degenerate = images.clone()
     degenerate[..., 1:-1, 1:-1] = smooth
-    return _blend(degenerate, images, 1 + m)
+    return degenerate
+
+DEGENERATE = {  # images, their grayscale (B, 1, H, W) -> what ImageEnhance blends away from
+    'Brightness': lambda images, gray: torch.zeros_like(gray),
+    'Color': lambda images, gray: gray,
+    'Contrast': _mean_gray,
+    'Sharpness': _smooth,
+}
 
 def posterize(images, bits):
     step = (2.0 ** (8 - bits)).view(-1, 1, 1, 1)
@@ -131,14 +124,19 @@ def equalize(images, _=None):
     lut = torch.where(step > 0, lut, bins)
     return lut.gather(1, x).view(B, C, H, W).to(images.dtype)
 
-OPS = {
+def _geometric(name):
+    return lambda images, m: _affine(images, AFFINE[name](m.double(), *images.shape[-2:]))
+
+def _enhancement(name):
+    return lambda images, m: _blend(DEGENERATE[name](images, _grayscale(images)), images, 1 + m)
+
+OPS = {  # in the order torchvision draws from
     'Identity': lambda images, _=None: images,
-    'ShearX': shear_x, 'ShearY': shear_y, 'TranslateX': translate_x, 'TranslateY': translate_y,
-    'Rotate': rotate, 'Brightness': brightness, 'Color': color, 'Contrast': contrast,
-    'Sharpness': sharpness, 'Posterize': posterize, 'Solarize': solarize,
-    'AutoContrast': autocontrast, 'Equalize': equalize,
+    **{name: _geometric(name) for name in AFFINE},
+    **{name: _enhancement(name) for name in DEGENERATE},
+    'Posterize': posterize, 'Solarize': solarize, 'AutoContrast': autocontrast, 'Equalize': equalize,
 }
-OP_NAMES = tuple(OPS)  # the order torchvision draws from
+OP_NAMES = tuple(OPS)
 SIGNED = {'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'Brightness', 'Color', 'Contrast', 'Sharpness'}
 
 def op_magnitudes(magnitude, height, width, num_bins=31):
@@ -159,12 +157,28 @@ def rand_augment(images, num_ops=2, magnitude=9, num_bins=31):
     B, _, H, W = images.shape
     mags = op_magnitudes(magnitude, H, W, num_bins)
     for _ in range(num_ops):
-        op_index = torch.randint(len(OPS), (B,), device=images.device).view(B, 1, 1, 1)
+        op_index = torch.randint(len(OPS), (B,), device=images.device)
         sign = torch.where(torch.rand(B, device=images.device) < 0.5, -1.0, 1.0)
-        out = images
-        for k, (name, op) in enumerate(OPS.items()):
-            m = sign * mags[name] if name in SIGNED else torch.full((B,), mags[name], device=images.device)
-            out = torch.where(op_index == k, op(images, m), out)
+        m = {name: sign * mags[name] if name in SIGNED else torch.full((B,), mags[name], device=images.device)
+             for name in OPS}
+        drew = {name: op_index == k for k, name in enumerate(OPS)}  # (B,) each
+        # one resampling for the geometric ops, each image with its own op's matrix (identity if none)
+        matrix = _matrix(sign.double(), 1, 0, 0, 0, 1, 0)
+        for name, op_matrix in AFFINE.items():
+            matrix = torch.where(drew[name].view(B, 1), op_matrix(m[name].double(), H, W), matrix)
+        # one blend for the enhancements, each image towards its own op's degenerate image
+        gray = _grayscale(images)
+        degenerate, factor = images, torch.ones_like(sign)
+        for name, op_degenerate in DEGENERATE.items():
+            degenerate = torch.where(drew[name].view(B, 1, 1, 1), op_degenerate(images, gray), degenerate)
+            factor = torch.where(drew[name], 1 + m[name], factor)
+        families = [(AFFINE, _affine(images, matrix)), (DEGENERATE, _blend(degenerate, images, factor))]
+        families += [((name,), OPS[name](images, m[name])) for name in OPS
+                     if name != 'Identity' and name not in AFFINE and name not in DEGENERATE]
+        out = images  # Identity
+        for names, result in families:
+            chosen = torch.stack([drew[name] for name in names]).any(0)
+            out = torch.where(chosen.view(B, 1, 1, 1), result, out)
         images = out
     return images
 

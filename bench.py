@@ -9,8 +9,8 @@ optimizer included, on synthetic uint8 data of Tiny ImageNet's shape held on the
     python bench.py --stage=attention             # each attention kernel at the model's shapes
 
 Prints milliseconds per step, model FLOPs per image (counted by torch.utils.flop_counter), the
-achieved fraction of the GPU's bf16 peak, and images/s (the median of `repeats` measurements of
-`steps` steps each, after warm-up) as its last line.
+achieved fraction of the GPU's bf16 peak, the time of the augmentation alone, and images/s (the
+median of `repeats` measurements of `steps` steps each, after warm-up) as its last line.
 """
 import statistics
 import sys
@@ -173,6 +173,19 @@ def attention_times():
         print(row)
 
 
+def seconds_per_call(fn, first):
+    """`repeats` timings of fn(i) over `steps_per_repeat` consecutive i from `first`, in seconds per call."""
+    times, i = [], first
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps_per_repeat):
+            fn(i)
+            i += 1
+        sync()
+        times.append((time.perf_counter() - t0) / steps_per_repeat)
+    return times
+
+
 def main():
     configure(globals(), sys.argv[1:])
     if stage not in ("pretrain", "finetune", "attention"):
@@ -200,14 +213,7 @@ def main():
             sync()
         key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=20))
-    rates, it = [], warmup
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps_per_repeat):
-            run(it)
-            it += 1
-        sync()
-        rates.append(steps_per_repeat * batch_size / (time.perf_counter() - t0))
+    rates = [batch_size / s for s in seconds_per_call(run, warmup)]
     images_per_s = statistics.median(rates)
     flops = flops_per_image(synthetic)
     line = (f"{stage}: batch {batch_size}, {dtype}, compile={compile}, cuda_graph={cuda_graph}, {card}: "
@@ -216,6 +222,8 @@ def main():
     if peak:
         line += f", {flops * images_per_s / 1e12:.0f} TFLOP/s = {flops * images_per_s / (peak * 1e12):.1%} of {peak:g}"
     print(line)
+    augment_s = statistics.median(seconds_per_call(run.augment, warmup + repeats * steps_per_repeat))
+    print(f"augmentation alone: {1000 * augment_s:.2f} ms/batch = {augment_s * images_per_s / batch_size:.0%} of the step")
     print(f"measurements (images/s): {', '.join(f'{r:,.0f}' for r in rates)}")
     print(f"images/s: {images_per_s:,.0f}")
 

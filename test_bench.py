@@ -34,6 +34,9 @@ def test_bench_reports_throughput_and_flops():
     gflops = float(re.search(r"([0-9.]+) GFLOP/image", result.stdout).group(1))
     assert 2.0 < gflops < 2.3
     assert "aten::" in result.stdout  # the profile table
+    # the augmentation timed on its own is a part of the step
+    share = re.search(r"augmentation alone: ([0-9.]+) ms/batch = ([0-9]+)% of the step", result.stdout)
+    assert float(share.group(1)) > 0 and 0 <= int(share.group(2)) <= 100
 
 
 def test_attention_table_times_each_kernel():
