@@ -40,6 +40,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 compile = torch.cuda.is_available()
 cuda_graph = torch.cuda.is_available()  # replay each step as CUDA graphs, as pretrain.py does
+attention = "auto"  # attention kernel, as in pretrain.py: e.g. 'encoder=efficient,decoder=cudnn'
 seed = 0
 # -----------------------------------------------------------------------------
 # dense bf16 tensor-core peaks, TFLOP/s: the 790 of ../shared/reference.md for Hopper cards
@@ -55,7 +56,7 @@ def synthetic_data(device):
     return images, labels, torch.randperm(NUM_IMAGES, generator=g).to(device)
 
 
-def build(synthetic, dtype, compile, cuda_graph, batch_size, checking=False):
+def build(synthetic, dtype, compile, cuda_graph, attention, batch_size, checking=False):
     """The model, optimizer and step function as the stage script builds them; returns run(i),
     which sets the lr and runs training step i on the next batch, as the loops do, and
     run.augment(i), step i's augmented batch alone. checking: a model the guard can compare."""
@@ -65,26 +66,27 @@ def build(synthetic, dtype, compile, cuda_graph, batch_size, checking=False):
     cfg = ViTConfig()
     if stage == "pretrain":
         model = MAE(cfg).to(device)
-        optimizer = torch.optim.AdamW(runtime.param_groups(model, 0.15), lr=1e-4, betas=(0.9, 0.95),
-                                      fused=device.startswith("cuda"))
-        step = steps.make_pretrain_step(runtime.wrap_model(model, compile, device, 1), optimizer,
-                                        num_patches=cfg.num_patches, batch_size=batch_size, rank=0, world_size=1,
-                                        seed=seed, crop_scale=(0.2, 1.0), mask_ratio=0.75, device=device, dtype=dtype,
-                                        cuda_graph=cuda_graph)
-    else:  # config/ft_tin.py's augmentation, the heaviest we have
+        groups, betas = runtime.param_groups(model, 0.15), (0.9, 0.95)
+    else:
         # the guard's model has no drop path, whose masks the compiled model draws with inductor's own
         # RNG rather than eager's, and a head of ordinary weights: a fresh head's tiny ones make every
         # loss log(200), whatever the features
         model = Classifier(cfg, NUM_CLASSES, pool="avg", drop_path=0.0 if checking else 0.1).to(device)
         if checking:
             torch.nn.init.normal_(model.head.weight, std=1.0)
-        optimizer = torch.optim.AdamW(runtime.layer_decay_groups(model, 0.05, 0.75), lr=1e-4, betas=(0.9, 0.999),
-                                      fused=device.startswith("cuda"))
-        step = steps.make_finetune_step(
-            runtime.wrap_model(model, compile, device, 1), optimizer, num_classes=NUM_CLASSES,
-            batch_size=batch_size, rank=0, world_size=1, seed=seed, crop_scale=(0.08, 1.0), rand_augment_ops=2,
-            rand_augment_magnitude=9, reprob=0.25, mixup=0.8, cutmix=1.0, label_smoothing=0.1, clip_grad=0.0,
-            device=device, dtype=dtype, cuda_graph=cuda_graph)
+        groups, betas = runtime.layer_decay_groups(model, 0.05, 0.75), (0.9, 0.999)
+    optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=betas, fused=device.startswith("cuda"))
+    runtime.pin_attention(model, attention, device, dtype)
+    model = runtime.wrap_model(model, compile, device, 1)
+    common = dict(batch_size=batch_size, rank=0, world_size=1, seed=seed, device=device, dtype=dtype,
+                  cuda_graph=cuda_graph)
+    if stage == "pretrain":
+        step = steps.make_pretrain_step(model, optimizer, num_patches=cfg.num_patches, crop_scale=(0.2, 1.0),
+                                        mask_ratio=0.75, **common)
+    else:  # config/ft_tin.py's augmentation, the heaviest we have
+        step = steps.make_finetune_step(model, optimizer, num_classes=NUM_CLASSES, crop_scale=(0.08, 1.0),
+                                        rand_augment_ops=2, rand_augment_magnitude=9, reprob=0.25, mixup=0.8,
+                                        cutmix=1.0, label_smoothing=0.1, clip_grad=0.0, **common)
 
     def batch(i):
         idx = order[(i * batch_size) % (NUM_IMAGES - batch_size):][:batch_size]
@@ -109,7 +111,7 @@ def sync():
 def flops_per_image(synthetic):
     """Forward + backward FLOPs of one image through the model (matrix products and attention;
     the augmentation and the optimizer are a rounding error)."""
-    run = build(synthetic, "float32", False, False, 8)
+    run = build(synthetic, "float32", False, False, "auto", 8)
     # the math attention backend is plain matrix products, which the counter knows on every device
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         run(0)
@@ -120,8 +122,8 @@ def check_paths(synthetic, card):
     """The correctness guard, on the same batches: the optimised path's augmentation equals the plain
     one's, and its loss is the plain fp32 eager loss up to bf16 rounding. Four steps, so that with
     cuda_graph the last two are graph replays (the first two run eagerly, see runtime.cuda_graphed)."""
-    plain = build(synthetic, "float32", False, False, batch_size, checking=True)
-    fast = build(synthetic, dtype, compile, cuda_graph, batch_size, checking=True)
+    plain = build(synthetic, "float32", False, False, "auto", batch_size, checking=True)
+    fast = build(synthetic, dtype, compile, cuda_graph, attention, batch_size, checking=True)
     names = ("images", "mask noise") if stage == "pretrain" else ("images", "soft targets")
     for i in range(4):
         for name, a, b in zip(names, plain.augment(i), fast.augment(i)):
@@ -134,7 +136,8 @@ def check_paths(synthetic, card):
         plain_loss, fast_loss = plain(i).item(), fast(i).item()
         rel = abs(fast_loss - plain_loss) / abs(plain_loss)
         print(f"check {stage} step {i}: plain fp32 eager loss {plain_loss:.5f}, {dtype} compile={compile} "
-              f"cuda_graph={cuda_graph} loss {fast_loss:.5f}, relative difference {rel:.2e} ({card})")
+              f"cuda_graph={cuda_graph} attention={attention} loss {fast_loss:.5f}, "
+              f"relative difference {rel:.2e} ({card})")
         if rel > 2e-2:  # bf16 keeps 8 bits of mantissa: a per-mille error, never percents
             raise SystemExit(f"error: the optimised path's loss is {rel:.1%} away from the plain path's")
 
@@ -199,7 +202,7 @@ def main():
     synthetic = synthetic_data(device)
     if check:  # the same first batch, crops, masks and weights through both paths
         check_paths(synthetic, card)
-    run = build(synthetic, dtype, compile, cuda_graph, batch_size)
+    run = build(synthetic, dtype, compile, cuda_graph, attention, batch_size)
     for i in range(warmup):
         run(i)
     sync()
@@ -216,14 +219,16 @@ def main():
     rates = [batch_size / s for s in seconds_per_call(run, warmup)]
     images_per_s = statistics.median(rates)
     flops = flops_per_image(synthetic)
-    line = (f"{stage}: batch {batch_size}, {dtype}, compile={compile}, cuda_graph={cuda_graph}, {card}: "
+    line = (f"{stage}: batch {batch_size}, {dtype}, compile={compile}, cuda_graph={cuda_graph}, "
+            f"attention={attention}, {card}: "
             f"{1000 * batch_size / images_per_s:.2f} ms/step, {flops / 1e9:.2f} GFLOP/image")
     peak = peak_tflops or next((v for k, v in PEAKS.items() if k in card), 0.0)
     if peak:
         line += f", {flops * images_per_s / 1e12:.0f} TFLOP/s = {flops * images_per_s / (peak * 1e12):.1%} of {peak:g}"
     print(line)
     augment_s = statistics.median(seconds_per_call(run.augment, warmup + repeats * steps_per_repeat))
-    print(f"augmentation alone: {1000 * augment_s:.2f} ms/batch = {augment_s * images_per_s / batch_size:.0%} of the step")
+    print(f"augmentation alone: {1000 * augment_s:.2f} ms/batch = "
+          f"{augment_s * images_per_s / batch_size:.0%} of the step")
     print(f"measurements (images/s): {', '.join(f'{r:,.0f}' for r in rates)}")
     print(f"images/s: {images_per_s:,.0f}")
 

@@ -64,6 +64,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 compile = torch.cuda.is_available()
 cuda_graph = torch.cuda.is_available()  # replay each step as CUDA graphs (one process only)
+attention = "auto"  # attention kernel: 'auto', 'flash', 'efficient', 'cudnn', 'math' or 'encoder=..,decoder=..'
 seed = 0
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
@@ -115,12 +116,13 @@ if resume:
 elif master and os.path.exists(log_path):
     os.remove(log_path)
 raw_model = model
+runtime.pin_attention(model, attention, device, dtype)
 model = runtime.wrap_model(model, compile, device, world_size)
 if master:
     print(f"fine-tuning {'from scratch' if init == 'scratch' else init} ({pool} head, "
           f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters) on {len(train_images):,} "
           f"images of {num_classes} classes, {iters_per_epoch} iterations per epoch, {world_size} process(es), "
-          f"device {device}, {dtype}, CUDA graphs {'on' if graphs else 'off'}, lr {lr:.2e}")
+          f"device {device}, {dtype}, CUDA graphs {'on' if graphs else 'off'}, attention {attention}, lr {lr:.2e}")
 
 
 def save_checkpoint(path, done):

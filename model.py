@@ -6,11 +6,13 @@ Follows the official models_mae.py: patchify, random_masking (argsort of noise; 
 fine-tuning classifier below, so a pre-training checkpoint's `encoder.*` weights load into it.
 """
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 
 
 @dataclass
@@ -79,12 +81,14 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.kernel = None  # an SDPBackend to pin (runtime.pin_attention); None: PyTorch picks
 
     def forward(self, x):
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
-        x = F.scaled_dot_product_attention(q, k, v)
+        with sdpa_kernel(self.kernel) if self.kernel is not None else nullcontext():
+            x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 

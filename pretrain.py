@@ -64,6 +64,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 compile = torch.cuda.is_available()
 cuda_graph = torch.cuda.is_available()  # replay each step as CUDA graphs (one process only)
+attention = "auto"  # attention kernel: 'auto', 'flash', 'efficient', 'cudnn', 'math' or 'encoder=..,decoder=..'
 seed = 0
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
@@ -111,12 +112,14 @@ if ckpt is not None:
 elif master and os.path.exists(log_path):
     os.remove(log_path)
 raw_model = model
+runtime.pin_attention(model, attention, device, dtype)
 model = runtime.wrap_model(model, compile, device, world_size)
 if master:
     print(f"MAE {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters "
           f"(encoder {sum(p.numel() for p in raw_model.encoder.parameters()) / 1e6:.2f}M), "
           f"{len(train_images):,} training images, {iters_per_epoch} iterations per epoch, "
-          f"{world_size} process(es), device {device}, {dtype}, CUDA graphs {'on' if graphs else 'off'}, lr {lr:.2e}")
+          f"{world_size} process(es), device {device}, {dtype}, CUDA graphs {'on' if graphs else 'off'}, "
+          f"attention {attention}, lr {lr:.2e}")
 
 # fixed validation images and masks for the reconstruction pictures
 picture_ids = torch.linspace(0, len(val_images) - 1, 8).long()

@@ -7,13 +7,15 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import Encoder, ViTConfig
+from model import Attention, Encoder, ViTConfig
 
 # -----------------------------------------------------------------------------
 # devices, torchrun, precision
@@ -44,6 +46,38 @@ def wrap_model(model, compile, device, world_size):
     if world_size > 1:
         model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
     return model
+
+
+ATTENTION_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                     "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
+def pin_attention(model, spec, device, dtype):
+    """Which kernel scaled_dot_product_attention runs: spec 'auto' (PyTorch picks), one name of
+    ATTENTION_KERNELS for every layer, or one per part, 'encoder=efficient,decoder=cudnn'. The
+    fastest kernel depends on the sequence length and head width (bench.py --stage=attention), and
+    the encoder's and the decoder's differ in pre-training."""
+    if spec == "auto":
+        return
+    kernels = {}
+    for part in spec.split(","):
+        where, _, name = part.rpartition("=")
+        if where not in ("", "encoder", "decoder") or name not in ATTENTION_KERNELS:
+            raise SystemExit(f"error: attention={spec!r}: give 'auto', one of {', '.join(ATTENTION_KERNELS)}, "
+                             f"or 'encoder=NAME,decoder=NAME'")
+        q = torch.zeros(1, 1, 8, 64, device=device, dtype=getattr(torch, dtype))  # fail here, not in step 1
+        try:
+            with sdpa_kernel(ATTENTION_KERNELS[name]), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # PyTorch's reasons, one warning each: the error says enough
+                torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        except RuntimeError:
+            raise SystemExit(f"error: attention={spec!r}: the {name} kernel does not run on {device} "
+                             f"in {dtype}") from None
+        kernels[where] = ATTENTION_KERNELS[name]
+    for module_name, module in model.named_modules():
+        if isinstance(module, Attention):
+            part = "decoder" if module_name.startswith("decoder") else "encoder"
+            module.kernel = kernels.get(part, kernels.get(""))
 
 
 def autocast(device, dtype):

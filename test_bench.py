@@ -11,11 +11,13 @@ import pytest
 from test_pretrain import run
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
-def test_optimised_path_gives_the_plain_loss(stage):
+@pytest.mark.parametrize("stage, attention", [("pretrain", "auto"), ("finetune", "auto"),
+                                              ("pretrain", "encoder=math,decoder=flash")])
+def test_optimised_path_gives_the_plain_loss(stage, attention):
     # compile=True, bfloat16 is the CUDA default; on the CPU it compiles C++ kernels instead
     result = run(["bench.py", f"--stage={stage}", "--check=True", "--compile=True", "--dtype=bfloat16",
-                  "--device=cpu", "--batch_size=8", "--warmup=1", "--steps_per_repeat=1", "--repeats=1"])
+                  f"--attention={attention}", "--device=cpu", "--batch_size=8", "--warmup=1",
+                  "--steps_per_repeat=1", "--repeats=1"])
     rels = [float(r) for r in re.findall(r"relative difference ([0-9.e+-]+)", result.stdout)]
     print(f"{stage}: compiled bf16 vs eager fp32 loss over 4 steps, relative differences {rels}")
     assert len(rels) == 4 and max(rels) < 2e-2

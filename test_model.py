@@ -3,6 +3,7 @@ Tests of model.py against independent references: a straightforward MAE written 
 paper and the official code's formulas, the official numpy position embeddings, F.conv2d.
 Run with `python test_model.py` or pytest.
 """
+import collections
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import runtime
 from model import MAE, Classifier, ViTConfig, patchify, random_masking, sincos_pos_embed, unpatchify
 
 SMALL = ViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0,
@@ -246,6 +248,30 @@ def test_drop_path_only_in_training():
     assert not torch.equal(a, b)
     rates = [blk.drop_path for blk in clf.encoder.blocks]
     assert rates == [0.0, 0.5]  # grows linearly with depth
+
+
+def test_pinned_attention_kernels_run_in_each_part():
+    # the CPU has two kernels: plain matrix products ('math') and a fused one ('flash')
+    torch.manual_seed(0)
+    mae, imgs, noise = MAE(SMALL), torch.randn(4, 3, 16, 16), torch.rand(4, SMALL.num_patches)
+    auto_loss = mae(imgs, 0.75, noise)[0]
+    runtime.pin_attention(mae, "encoder=math,decoder=flash", "cpu", "float32")
+    with torch.profiler.profile() as prof:
+        pinned_loss = mae(imgs, 0.75, noise)[0]
+    kernels = collections.Counter(e.name for e in prof.events() if e.name.startswith("aten::_scaled_dot"))
+    assert kernels == {"aten::_scaled_dot_product_attention_math": SMALL.depth,
+                       "aten::_scaled_dot_product_flash_attention_for_cpu": SMALL.decoder_depth}
+    assert report("pinned vs PyTorch's own attention kernels, loss", pinned_loss, auto_loss) < 1e-5
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("fastest", "give 'auto', one of flash, efficient, cudnn, math, or 'encoder=NAME,decoder=NAME'"),
+    ("head=math", "give 'auto', one of flash, efficient, cudnn, math, or 'encoder=NAME,decoder=NAME'"),
+    ("encoder=cudnn", "the cudnn kernel does not run on cpu in float32"),
+])
+def test_bad_attention_setting_is_one_clear_error(spec, message):
+    with pytest.raises(SystemExit, match=f"^error: attention={spec!r}: {message}$"):
+        runtime.pin_attention(MAE(SMALL), spec, "cpu", "float32")
 
 
 if __name__ == "__main__":
