@@ -156,9 +156,11 @@ def test_cuda_graph_run_state_resumes_in_a_plain_run():
     assert torch.allclose(plain.state[param]["exp_avg"], torch.full((4,), 0.9 * 0.1 + 0.1))  # the moments came along
 
 
-def test_cuda_graph_on_the_cpu_is_one_clear_error(data_dir, tmp_path):
-    result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--cuda_graph=True"],
-                 check=False)
+@pytest.mark.parametrize("script", ["pretrain.py", "probe.py", "finetune.py"])
+def test_cuda_graph_on_the_cpu_is_one_clear_error(script, tmp_path):
+    # the setting is checked before any data or checkpoint is read
+    result = run([script, "--device=cpu", "--cuda_graph=True", f"--out_dir={tmp_path}"]
+                 + (["--init=ckpt.pt"] if script == "probe.py" else []), check=False)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == "error: cuda_graph=True needs a CUDA device, not device='cpu'"
 
