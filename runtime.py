@@ -98,8 +98,8 @@ def cleanup():
 
 
 # -----------------------------------------------------------------------------
-# CUDA graphs: a training step is hundreds of small kernels (the augmentation alone is 160 of them in
-# pre-training, 1,400 in fine-tuning), and launching them one by one from Python costs far more than
+# CUDA graphs: a training step is hundreds of small kernels (the augmentation alone is about 150 of them
+# in pre-training, 800 in fine-tuning), and launching them one by one from Python costs far more than
 # running them. Recorded once as a CUDA graph, each step is one launch.
 
 
