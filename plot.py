@@ -41,6 +41,7 @@ def plot_loss(log_paths, png_path):
     for path in log_paths:
         rows = read_jsonl(path)
         ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows],
+                marker="o" if len(rows) <= 20 else None, markersize=3,  # a log of one epoch is one point
                 label=os.path.basename(os.path.dirname(os.path.abspath(path))))
     ax.set(xlabel="epoch", ylabel="training loss (masked patches)", title="MAE pre-training loss")
     ax.grid(alpha=0.3)
