@@ -33,6 +33,8 @@ seed = 0
 args = sys.argv[1:]
 configure(globals(), [a for a in args if a.startswith("--")])
 files = [a for a in args if not a.startswith("--")]
+if not init:
+    raise SystemExit("error: no checkpoint given: --init=PATH (a pre-training checkpoint)")
 
 ckpt = runtime.load_checkpoint(init)
 cfg = runtime.model_config(ckpt, init)

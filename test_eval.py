@@ -157,9 +157,10 @@ def test_bad_init_is_one_clear_line(pretrained, tmp_path, case):
         else:
             ckpt["model_args"]["img_size"] = 32
         torch.save(ckpt, path)
-    for script in ("finetune.py", "probe.py"):
-        result = run([script, f"--init={path}", f"--data_dir={data_dir}", f"--out_dir={tmp_path}/o",
-                      "--device=cpu", "--dtype=float32", "--batch_size=8"], check=False)
+    common = [f"--init={path}", f"--data_dir={data_dir}", f"--out_dir={tmp_path}/o", "--device=cpu"]
+    for script, settings in [("finetune.py", ["--dtype=float32", "--batch_size=8"]),
+                             ("probe.py", ["--dtype=float32", "--batch_size=8"]), ("reconstruct.py", [])]:
+        result = run([script, *common, *settings], check=False)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:") and path in lines[0], \
             (script, result.stderr)
