@@ -9,7 +9,8 @@ Fine-tuning of a pre-trained MAE encoder (or of the same network from scratch) o
 All augmentation (crop, flip, RandAugment, random erasing, mixup/cutmix) runs on whole batches on
 the device. Top-1/top-5 on the 10,000 validation images every eval_every epochs. Output in out_dir:
 ckpt_last.pt (resume with --resume=True), ckpt_best.pt, finetune_log.jsonl (loss and accuracy per
-epoch), and one line in results.jsonl.
+epoch), and one line in results.jsonl. Ctrl-C or SIGTERM saves ckpt_last.pt at the next progress line
+and stops there.
 """
 import json
 import math
@@ -144,6 +145,7 @@ evaluate = lambda: steps.evaluate(raw_model, val_images, val_labels, batch_size=
 window = torch.zeros(log_interval, device=device)  # losses since the last log point, read only there
 last_log, last_save, t_start = iter_num, time.time(), time.time() - train_time
 progress = runtime.Progress(total_iters, iter_num, batch_size)
+stop = runtime.StopSignal(device)
 perm, top1, top5 = None, float("nan"), float("nan")
 for it in range(iter_num, total_iters):
     epoch, step = divmod(it, iters_per_epoch)
@@ -180,11 +182,16 @@ for it in range(iter_num, total_iters):
                 save_checkpoint(best_path, done)
     if epoch_end:
         epoch_loss_sum = 0.0
-    if master and (done == total_iters or time.time() - last_save >= save_last_every_s):
+    stopping = stop.received()
+    if master and (done == total_iters or stopping or time.time() - last_save >= save_last_every_s):
         save_checkpoint(last_path, done)
         last_save = time.time()
+    if stopping:
+        break
 
-if master:
+if master and stop.signum:
+    print(f"{stop.name()}: stopped at iteration {last_log} of {total_iters}; continue with --resume=True")
+elif master:
     top1, top5 = evaluate() if math.isnan(top1) else (top1, top5)  # a resumed run that had nothing left
     row = {"checkpoint": init, "pretrain_epoch": pretrain_epoch, "method": "finetune", "recipe": recipe,
            "top1": top1, "top5": top5, "best_top1": best_top1, "wall_s": train_time,
@@ -194,3 +201,4 @@ if master:
     print(f"done: final top-1 {top1:.2f}% top-5 {top5:.2f}%, best top-1 {best_top1:.2f}%, "
           f"{runtime.fmt_duration(train_time)}; results in {os.path.join(out_dir, 'results.jsonl')}")
 runtime.cleanup()
+sys.exit(stop.exit_code())

@@ -13,7 +13,8 @@ a quick run on the CPU (pack the 10-class subset first, see README.md):
 
 The whole training set sits on the device as uint8; every step crops, flips and masks a batch with
 tensor ops. Output in out_dir: ckpt_{epoch}.pt every save_every epochs, ckpt_last.pt for resuming
-(--init_from=resume), log.jsonl (mean loss per epoch), loss.png and recon_{epoch}.png.
+(--init_from=resume), log.jsonl (mean loss per epoch), loss.png and recon_{epoch}.png. Ctrl-C or
+SIGTERM saves ckpt_last.pt at the next progress line and stops there.
 """
 import json
 import os
@@ -153,6 +154,7 @@ train_step = steps.make_pretrain_step(model, optimizer, num_patches=cfg.num_patc
 window = torch.zeros(log_interval, device=device)  # losses since the last log point, read only there
 last_log, last_save = iter_num, time.time()
 progress = runtime.Progress(end_iter, iter_num, batch_size)
+stop = runtime.StopSignal(device)
 perm = None
 for it in range(iter_num, end_iter):
     epoch, step = divmod(it, iters_per_epoch)
@@ -184,10 +186,15 @@ for it in range(iter_num, end_iter):
     if master and keep:
         save_checkpoint(os.path.join(out_dir, f"ckpt_{epochs_done}.pt"), done, epoch_loss_sum)
         save_pictures(epochs_done)
-    if master and (keep or done == end_iter or time.time() - last_save >= save_last_every_s):
+    stopping = stop.received()
+    if master and (keep or done == end_iter or stopping or time.time() - last_save >= save_last_every_s):
         save_checkpoint(last_path, done, epoch_loss_sum)
         last_save = time.time()
+    if stopping:
+        break
 
 if master:
-    print(f"done: {end_iter} iterations, checkpoints in {out_dir}")
+    print(f"{stop.name()}: stopped at iteration {last_log} of {end_iter}; continue with --init_from=resume" if stop.signum else
+          f"done: {end_iter} iterations, checkpoints in {out_dir}")
 runtime.cleanup()
+sys.exit(stop.exit_code())

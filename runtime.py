@@ -1,11 +1,12 @@
 """
 The small pieces every stage script shares: devices and torchrun, mixed precision, the warm-up +
 cosine schedule, AdamW parameter groups, checkpoints written atomically and read with clear errors,
-and progress lines with an ETA.
+progress lines with an ETA, and a clean stop on Ctrl-C or SIGTERM.
 """
 import json
 import math
 import os
+import signal
 import time
 import warnings
 from contextlib import nullcontext
@@ -298,6 +299,39 @@ def finite_losses(window, count, first_iter, last_path):
                              f"the last good state (iteration {first_iter} or earlier)")
     return losses
 
+
+
+class StopSignal:
+    """SIGTERM (`timeout`, a cluster's scheduler) or Ctrl-C asks a training loop to stop at its next log
+    point, once ckpt_last.pt holds everything up to there, so that a resumed run loses nothing. Under
+    torchrun the processes agree through one all-reduce per log point and stop at the same iteration."""
+
+    def __init__(self, device):
+        self.device = device
+        self.asked = 0  # the signal this process got, set by the handler at any moment
+        self.signum = 0  # the one all processes agreed on at the last log point
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.ask)
+
+    def ask(self, signum, frame):  # no printing here: the signal may land inside a print
+        self.asked = self.asked or signum
+
+    def received(self):
+        """At a log point: whether to save and stop (the same answer in every process)."""
+        signum = self.asked  # read once: a signal landing during the all-reduce counts at the next log point
+        if dist.is_initialized():
+            flag = torch.tensor([signum], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        self.signum = signum
+        return signum != 0
+
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def exit_code(self):
+        """What a kill by the signal would give (128 + its number), so a chain of commands stops too."""
+        return 128 + self.signum if self.signum else 0
 
 
 def fmt_duration(seconds):

@@ -5,6 +5,7 @@ end-to-end run (pre-train, probe, fine-tune, plot, reconstruct). Run with `pytho
 """
 import json
 import os
+import signal
 import sys
 
 import numpy as np
@@ -128,14 +129,18 @@ def test_finetune_torchrun_two_processes_train_as_one(pretrained, tmp_path):
     assert change.norm() > 1e-2 and diff.norm() < 1e-2 * change.norm()
 
 
-def test_finetune_resume_after_kill_matches_uninterrupted_run(pretrained, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_finetune_resume_after_kill_matches_uninterrupted_run(pretrained, tmp_path, sig):
     data_dir, pre = pretrained
     common = ["finetune.py", "config/ft_tin.py", f"--init={pre}/ckpt_2.pt", f"--data_dir={data_dir}", "--epochs=2",
               "--warmup_epochs=1", "--batch_size=8", "--device=cpu", "--dtype=float32", "--compile=False",
               "--log_interval=1", "--save_last_every_s=0"]
     run([*common, f"--out_dir={tmp_path}/whole"])
-    kill_at([*common, f"--out_dir={tmp_path}/killed"], "iter 8/12")
+    # SIGTERM: no refresh on time, so ckpt_last.pt is the stop's own save
+    kill_at([*common, f"--out_dir={tmp_path}/killed", *(["--save_last_every_s=1e9"] if sig == signal.SIGTERM else [])],
+            "iter 8/12", sig)
     assert 0 < load(f"{tmp_path}/killed/ckpt_last.pt")["iter_num"] < 12
+    assert not os.path.exists(f"{tmp_path}/killed/results.jsonl")  # a stopped run is not a result
     run([*common, f"--out_dir={tmp_path}/killed", "--resume=True"])
     a, b = load(f"{tmp_path}/whole/ckpt_last.pt"), load(f"{tmp_path}/killed/ckpt_last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -1,6 +1,6 @@
 """
 pretrain.py end to end on the CPU with a tiny model and generated data: checkpoints, exact resume
-after a kill, two-process torchrun, a diverging run, the configurator's errors.
+after kill -9, SIGTERM or Ctrl-C, two-process torchrun, a diverging run, the configurator's errors.
 Run with `python test_pretrain.py` or pytest.
 """
 import json
@@ -46,15 +46,20 @@ def run(args, check=True):
     return result
 
 
-def kill_at(args, marker):
-    """Run a script and kill -9 it when its output shows marker."""
+def kill_at(args, marker, sig=signal.SIGKILL):
+    """Run a script and send it sig when its output shows marker. Returns the rest of its output.
+    A kill -9 ends it at once; SIGTERM and Ctrl-C (SIGINT) stop it at its next log point, after
+    saving, with the exit status a kill by that signal would give."""
     proc = subprocess.Popen([sys.executable] + args, cwd=HERE, stdout=subprocess.PIPE, text=True, env=ENV)
     for line in proc.stdout:
         if marker in line:
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             break
+    rest = proc.stdout.read()
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"{args} ended before printing {marker!r}"
+    expected = -sig if sig == signal.SIGKILL else 128 + sig
+    assert proc.returncode == expected, f"{args}: exit status {proc.returncode}, not {expected}:\n{rest}"
+    return rest
 
 
 def load(path):
@@ -81,14 +86,19 @@ def test_pretrain_writes_checkpoints_logs_and_pictures(data_dir, tmp_path):
     assert [f for f in os.listdir(out) if ".tmp" in f] == []
 
 
-def test_resume_after_kill_matches_uninterrupted_run(data_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_resume_after_kill_matches_uninterrupted_run(data_dir, tmp_path, sig):
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={whole}"])
-    # kill -9 part way through the second epoch; ckpt_last.pt is refreshed at every log point
-    kill_at(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={killed}", "--log_interval=1",
-             "--save_last_every_s=0"], "iter 6/12")
+    # stopped part way through the second epoch. kill -9: ckpt_last.pt is refreshed at every log point.
+    # SIGTERM, Ctrl-C: never refreshed on time, so the stop's own save is the only one
+    refresh = "--save_last_every_s=0" if sig == signal.SIGKILL else "--save_last_every_s=1e9"
+    rest = kill_at(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={killed}", "--log_interval=1",
+                    refresh], "iter 6/12", sig)
     stopped_at = load(os.path.join(killed, "ckpt_last.pt"))["iter_num"]
     assert 4 <= stopped_at < 12  # killed within the second epoch, not at the end
+    if sig != signal.SIGKILL:
+        assert f"{signal.Signals(sig).name}: stopped at iteration {stopped_at} of 12" in rest, rest
     run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={killed}", "--init_from=resume"])
     a, b = load(os.path.join(whole, "ckpt_last.pt")), load(os.path.join(killed, "ckpt_last.pt"))
     assert a["iter_num"] == b["iter_num"] == 12
@@ -111,6 +121,24 @@ def test_torchrun_two_processes_train_as_one(data_dir, tmp_path):
     worst = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
     print(f"1 process vs 2 processes: largest weight difference {worst:.2e}")
     assert worst < 1e-4
+
+
+def test_torchrun_processes_stop_together_on_sigterm(data_dir, tmp_path):
+    # torchrun passes its SIGTERM on to both processes; they agree at the next log point and rank 0 saves.
+    # 1000 epochs, which a working stop never reaches: on a busy machine the signal can land seconds late
+    out = str(tmp_path / "two")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--epochs=1000",
+                             "--log_interval=1", "--save_last_every_s=1e9"],
+                            cwd=HERE, stdout=subprocess.PIPE, text=True, env=ENV)
+    for line in proc.stdout:
+        if "iter 6/4000" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    proc.wait(timeout=60)
+    stopped_at = load(os.path.join(out, "ckpt_last.pt"))["iter_num"]
+    assert 6 <= stopped_at < 4000 and f"SIGTERM: stopped at iteration {stopped_at} of 4000" in rest, rest
 
 
 def test_diverging_run_stops_and_keeps_last_good_state(data_dir, tmp_path):
