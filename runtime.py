@@ -310,6 +310,7 @@ class StopSignal:
         self.device = device
         self.asked = 0  # the signal this process got, set by the handler at any moment
         self.signum = 0  # the one all processes agreed on at the last log point
+        self.work = None
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self.ask)
 
@@ -321,7 +322,10 @@ class StopSignal:
         signum = self.asked  # read once: a signal landing during the all-reduce counts at the next log point
         if dist.is_initialized():
             flag = torch.tensor([signum], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            # kept until the next call: if Gloo's worker thread dropped the last reference, at the end of
+            # a run that could happen while Python shuts down, which aborts (pytorch/pytorch#179291)
+            self.work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+            self.work.wait()
             signum = int(flag.item())
         self.signum = signum
         return signum != 0
