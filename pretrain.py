@@ -193,8 +193,9 @@ for it in range(iter_num, end_iter):
     if stopping:
         break
 
-if master:
-    print(f"{stop.name()}: stopped at iteration {last_log} of {end_iter}; continue with --init_from=resume" if stop.signum else
-          f"done: {end_iter} iterations, checkpoints in {out_dir}")
+if master and stop.signum:
+    print(f"{stop.name()}: stopped at iteration {last_log} of {end_iter}; continue with --init_from=resume")
+elif master:
+    print(f"done: {end_iter} iterations, checkpoints in {out_dir}")
 runtime.cleanup()
 sys.exit(stop.exit_code())

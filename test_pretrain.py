@@ -46,18 +46,18 @@ def run(args, check=True):
     return result
 
 
-def kill_at(args, marker, sig=signal.SIGKILL):
+def kill_at(args, marker, sig=signal.SIGKILL, status=None):
     """Run a script and send it sig when its output shows marker. Returns the rest of its output.
     A kill -9 ends it at once; SIGTERM and Ctrl-C (SIGINT) stop it at its next log point, after
-    saving, with the exit status a kill by that signal would give."""
+    saving, with the exit status a kill by that signal would give (or `status`: torchrun's own)."""
     proc = subprocess.Popen([sys.executable] + args, cwd=HERE, stdout=subprocess.PIPE, text=True, env=ENV)
     for line in proc.stdout:
         if marker in line:
             proc.send_signal(sig)
             break
     rest = proc.stdout.read()
-    proc.wait()
-    expected = -sig if sig == signal.SIGKILL else 128 + sig
+    proc.wait(timeout=60)
+    expected = status if status is not None else -sig if sig == signal.SIGKILL else 128 + sig
     assert proc.returncode == expected, f"{args}: exit status {proc.returncode}, not {expected}:\n{rest}"
     return rest
 
@@ -127,16 +127,9 @@ def test_torchrun_processes_stop_together_on_sigterm(data_dir, tmp_path):
     # torchrun passes its SIGTERM on to both processes; they agree at the next log point and rank 0 saves.
     # 1000 epochs, which a working stop never reaches: on a busy machine the signal can land seconds late
     out = str(tmp_path / "two")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--epochs=1000",
-                             "--log_interval=1", "--save_last_every_s=1e9"],
-                            cwd=HERE, stdout=subprocess.PIPE, text=True, env=ENV)
-    for line in proc.stdout:
-        if "iter 6/4000" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest = proc.stdout.read()
-    proc.wait(timeout=60)
+    rest = kill_at(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain.py", *TINY,
+                    f"--data_dir={data_dir}", f"--out_dir={out}", "--epochs=1000", "--log_interval=1",
+                    "--save_last_every_s=1e9"], "iter 6/4000", signal.SIGTERM, status=1)  # torchrun: 1 on a signal
     stopped_at = load(os.path.join(out, "ckpt_last.pt"))["iter_num"]
     assert 6 <= stopped_at < 4000 and f"SIGTERM: stopped at iteration {stopped_at} of 4000" in rest, rest
 
