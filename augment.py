@@ -1,17 +1,20 @@
 """
 Fine-tuning augmentation on whole batches, on the images' device.
 
-Pipeline order in the fine-tuning loop (data.py has already cropped + flipped):
-  1. rand_augment(images)            float (B,3,H,W), integer values 0..255
+Pipeline order in the fine-tuning step (data.py has already cropped + flipped):
+  1. rand_augment(images, draws)            float (B,3,H,W), integer values 0..255
   2. the caller normalises with the ImageNet mean/std
-  3. random_erasing(images)          on normalised images, as timm's RandomErasing
-  4. mixup_cutmix(images, labels)    timm's Mixup, mode 'elem', with smoothed soft targets
+  3. random_erasing(images, draws)          on normalised images, as timm's RandomErasing
+  4. mixup_cutmix(images, labels, C, draws) timm's Mixup, mode 'elem', with smoothed soft targets
 
 Every image gets its own random draw, all from torch's global RNG on the images'
-device (the training loop re-seeds it each iteration for exact resume). Shapes are
-static and nothing syncs with the host: every candidate is computed for the whole
-batch and each image picks its own with torch.where, so this can run under
-torch.compile / CUDA graphs.
+device (the training loop re-seeds it each iteration for exact resume). Each step
+has its *_draws function, which draws every random number it needs, and the step
+itself draws nothing: torch.compile would draw other numbers than eager mode (and
+in another order), so only the draw-free work is compiled. Shapes are static and
+nothing syncs with the host: every candidate is computed for the whole batch and
+each image picks its own with torch.where, so this can run under torch.compile /
+CUDA graphs.
 
 RandAugment is torchvision's RandAugment(num_ops, magnitude, num_magnitude_bins=31)
 on PIL images, i.e. Pillow's own operations, which OPS reproduces exactly. (The official
@@ -152,13 +155,17 @@ def op_magnitudes(magnitude, height, width, num_bins=31):
         'Solarize': lin(255.0, 0.0), 'AutoContrast': 0.0, 'Equalize': 0.0,
     }
 
-def rand_augment(images, num_ops=2, magnitude=9, num_bins=31):
-    """torchvision RandAugment: num_ops layers, each image drawing its own op (and sign)."""
+def rand_augment_draws(B, num_ops=2, device="cpu"):
+    """Each image's op (an index into OPS) and sign (True: negative) in each of num_ops layers."""
+    return [(torch.randint(len(OPS), (B,), device=device), torch.rand(B, device=device) < 0.5)
+            for _ in range(num_ops)]
+
+def rand_augment(images, draws, magnitude=9, num_bins=31):
+    """torchvision RandAugment: one layer per draw of rand_augment_draws, each image its own op."""
     B, _, H, W = images.shape
     mags = op_magnitudes(magnitude, H, W, num_bins)
-    for _ in range(num_ops):
-        op_index = torch.randint(len(OPS), (B,), device=images.device)
-        sign = torch.where(torch.rand(B, device=images.device) < 0.5, -1.0, 1.0)
+    for op_index, negative in draws:
+        sign = torch.where(negative, -1.0, 1.0)
         m = {name: sign * mags[name] if name in SIGNED else torch.full((B,), mags[name], device=images.device)
              for name in OPS}
         drew = {name: op_index == k for k, name in enumerate(OPS)}  # (B,) each
@@ -184,22 +191,30 @@ def rand_augment(images, num_ops=2, magnitude=9, num_bins=31):
 
 # ---------------------------------------------------------------------------------
 
-def random_erasing(images, prob=0.25, min_area=0.02, max_area=1 / 3, min_aspect=0.3, attempts=10):
+def erasing_draws(shape, device="cpu", min_area=0.02, max_area=1 / 3, min_aspect=0.3, attempts=10):
+    """For images of shape (B, C, H, W): `attempts` (area fraction, log aspect) tries per image, the
+    coin, top and left as fractions of the free range, and the noise that fills the box."""
+    B = shape[0]
+    area = torch.empty(B, attempts, device=device).uniform_(min_area, max_area)
+    log_ratio = torch.empty(B, attempts, device=device).uniform_(math.log(min_aspect), -math.log(min_aspect))
+    coin, top, left = (torch.rand(B, device=device) for _ in range(3))
+    return area, log_ratio, coin, top, left, torch.randn(shape, device=device)
+
+def random_erasing(images, draws, prob=0.25):
     """timm RandomErasing(prob, mode='pixel', max_count=1) on normalised images."""
     B, C, H, W = images.shape
-    dev = images.device
-    area = torch.empty(B, attempts, device=dev).uniform_(min_area, max_area) * H * W
-    log_ratio = torch.empty(B, attempts, device=dev).uniform_(math.log(min_aspect), -math.log(min_aspect))
+    area, log_ratio, coin, top, left, noise = draws
+    area = area * H * W
     h = torch.sqrt(area * log_ratio.exp()).round().long()
     w = torch.sqrt(area / log_ratio.exp()).round().long()
     fits = (h < H) & (w < W)
     first = fits.long().argmax(1, keepdim=True)  # timm keeps the first attempt that fits
     h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
-    erase = (torch.rand(B, device=dev) < prob) & fits.any(1)
-    top = (torch.rand(B, device=dev) * (H - h + 1)).long()  # randint(0, H - h) inclusive
-    left = (torch.rand(B, device=dev) * (W - w + 1)).long()
+    erase = (coin < prob) & fits.any(1)
+    top = (top * (H - h + 1)).long()  # randint(0, H - h) inclusive
+    left = (left * (W - w + 1)).long()
     box = _box_mask(top, top + h, left, left + w, H, W) & erase.view(B, 1, 1, 1)
-    return torch.where(box, torch.randn_like(images), images)
+    return torch.where(box, noise, images)
 
 def _box_mask(y0, y1, x0, x1, H, W):
     # (B,1,H,W) mask of the rows [y0, y1) and columns [x0, x1) of each image
@@ -208,27 +223,30 @@ def _box_mask(y0, y1, x0, x1, H, W):
     v = lambda t: t.view(-1, 1, 1)
     return ((rows >= v(y0)) & (rows < v(y1)) & (cols >= v(x0)) & (cols < v(x1))).unsqueeze(1)
 
-def mixup_cutmix(images, labels, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
-                 label_smoothing=0.1):
+def mixup_draws(B, H, W, device="cpu", mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5):
+    """timm Mixup's random numbers for B images of H x W: whether each cuts (else mixes), its
+    lambda, and the centre of its box."""
+    def beta(alpha):  # validate_args would sync with the host
+        concentration = torch.full((B,), float(alpha), device=device)
+        return torch.distributions.Beta(concentration, concentration, validate_args=False).sample()
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        use_cutmix = torch.rand(B, device=device) < switch_prob
+        lam = torch.where(use_cutmix, beta(cutmix_alpha), beta(mixup_alpha))
+    elif mixup_alpha > 0 or cutmix_alpha > 0:
+        use_cutmix = torch.full((B,), cutmix_alpha > 0, device=device)
+        lam = beta(max(mixup_alpha, cutmix_alpha))
+    else:
+        use_cutmix, lam = torch.zeros(B, dtype=torch.bool, device=device), torch.ones(B, device=device)
+    return use_cutmix, lam, torch.randint(0, H, (B,), device=device), torch.randint(0, W, (B,), device=device)
+
+def mixup_cutmix(images, labels, num_classes, draws, label_smoothing=0.1):
     """timm Mixup(mode='elem', correct_lam=True): image i mixes with image B-1-i.
     Returns (mixed images, soft targets (B, num_classes))."""
     B, _, H, W = images.shape
-    dev = images.device
-    def beta(alpha):  # validate_args would sync with the host
-        concentration = torch.full((B,), float(alpha), device=dev)
-        return torch.distributions.Beta(concentration, concentration, validate_args=False).sample()
-    if mixup_alpha > 0 and cutmix_alpha > 0:
-        use_cutmix = torch.rand(B, device=dev) < switch_prob
-        lam = torch.where(use_cutmix, beta(cutmix_alpha), beta(mixup_alpha))
-    elif mixup_alpha > 0 or cutmix_alpha > 0:
-        use_cutmix = torch.full((B,), cutmix_alpha > 0, device=dev)
-        lam = beta(max(mixup_alpha, cutmix_alpha))
-    else:
-        use_cutmix, lam = torch.zeros(B, dtype=torch.bool, device=dev), torch.ones(B, device=dev)
+    use_cutmix, lam, cy, cx = draws
     # timm's rand_bbox: half-sides cut // 2 around a uniform centre, clipped to the image
     ratio = torch.sqrt(1 - lam)
     half_h, half_w = (H * ratio).long() // 2, (W * ratio).long() // 2
-    cy, cx = torch.randint(0, H, (B,), device=dev), torch.randint(0, W, (B,), device=dev)
     y0, y1 = (cy - half_h).clamp(0, H), (cy + half_h).clamp(0, H)
     x0, x1 = (cx - half_w).clamp(0, W), (cx + half_w).clamp(0, W)
     lam_cut = 1 - ((y1 - y0) * (x1 - x0)).to(lam.dtype) / (H * W)  # the area actually kept

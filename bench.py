@@ -79,7 +79,7 @@ def build(synthetic, dtype, compile, cuda_graph, attention, batch_size, checking
     runtime.pin_attention(model, attention, device, dtype)
     model = runtime.wrap_model(model, compile, device, 1)
     common = dict(batch_size=batch_size, rank=0, world_size=1, seed=seed, device=device, dtype=dtype,
-                  cuda_graph=cuda_graph)
+                  compile=compile, cuda_graph=cuda_graph)
     if stage == "pretrain":
         step = steps.make_pretrain_step(model, optimizer, num_patches=cfg.num_patches, crop_scale=(0.2, 1.0),
                                         mask_ratio=0.75, **common)

@@ -60,12 +60,22 @@ def to_float(images_u8):
 # -----------------------------------------------------------------------------
 # random resized crop + horizontal flip
 
-def crop_boxes(B, H, W, scale, ratio=(3 / 4, 4 / 3), device="cpu"):
+def crop_flip_draws(B, scale, ratio=(3 / 4, 4 / 3), device="cpu"):
+    """Every random number of B random resized crops + flips, drawn apart from the pixel work so
+    that the work can be compiled (torch.compile draws other numbers than eager): per image ten
+    (area fraction, log aspect) attempts, top and left as fractions of the free range, the flip."""
+    area = torch.empty(B, 10, device=device).uniform_(*scale)
+    log_aspect = torch.empty(B, 10, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    top, left = torch.rand(B, device=device), torch.rand(B, device=device)
+    return area, log_aspect, top, left, torch.rand(B, device=device) < 0.5
+
+
+def crop_boxes(draws, H, W, ratio=(3 / 4, 4 / 3)):
     """torchvision's RandomResizedCrop.get_params for B images at once: (top, left, height, width),
-    integer tensors (B,). Ten attempts per image are drawn together and the first that fits is
-    taken, the same distribution as trying them one after another; a centre crop otherwise."""
-    area = H * W * torch.empty(B, 10, device=device).uniform_(*scale)
-    aspect = torch.exp(torch.empty(B, 10, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    integer tensors (B,). The ten attempts of each image are tried together and the first that fits
+    is taken, the same distribution as trying them one after another; a centre crop otherwise."""
+    area, log_aspect, top, left, _ = draws
+    area, aspect = H * W * area, torch.exp(log_aspect)
     w = torch.round(torch.sqrt(area * aspect))
     h = torch.round(torch.sqrt(area / aspect))
     fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
@@ -81,10 +91,8 @@ def crop_boxes(B, H, W, scale, ratio=(3 / 4, 4 / 3), device="cpu"):
     found = fits.any(dim=1)
     w = torch.where(found, w, torch.full_like(w, fw)).long()
     h = torch.where(found, h, torch.full_like(h, fh)).long()
-    top = (torch.rand(B, device=device) * (H - h + 1)).long()
-    left = (torch.rand(B, device=device) * (W - w + 1)).long()
-    top = torch.where(found, top, (H - h) // 2)
-    left = torch.where(found, left, (W - w) // 2)
+    top = torch.where(found, (top * (H - h + 1)).long(), (H - h) // 2)
+    left = torch.where(found, (left * (W - w + 1)).long(), (W - w) // 2)
     return top, left, h, w
 
 
@@ -126,12 +134,10 @@ def resized_crop(x, top, left, h, w, flip, out_size):
     return resample(x, rows, cols)
 
 
-def random_resized_crop_flip(x, scale, out_size=None):
-    """Each image of x (B, C, H, W, values 0..255) its own random resized crop and coin-flip mirror."""
-    B, _, H, W = x.shape
-    top, left, h, w = crop_boxes(B, H, W, scale, device=x.device)
-    flip = torch.rand(B, device=x.device) < 0.5
-    return resized_crop(x, top, left, h, w, flip, out_size or H)
+def resized_crop_flip(x, draws, out_size=None):
+    """Each image of x (B, C, H, W, values 0..255) its own crop and mirror, from crop_flip_draws."""
+    top, left, h, w = crop_boxes(draws, *x.shape[2:])
+    return resized_crop(x, top, left, h, w, draws[-1], out_size or x.shape[2])
 
 
 def random_flip(x):

@@ -139,7 +139,7 @@ train_step = steps.make_finetune_step(
     model, optimizer, num_classes=num_classes, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
     crop_scale=crop_scale, rand_augment_ops=rand_augment_ops, rand_augment_magnitude=rand_augment_magnitude,
     reprob=reprob, mixup=mixup, cutmix=cutmix, label_smoothing=label_smoothing, clip_grad=clip_grad,
-    device=device, dtype=dtype, cuda_graph=graphs)
+    device=device, dtype=dtype, compile=compile, cuda_graph=graphs)
 evaluate = lambda: steps.evaluate(raw_model, val_images, val_labels, batch_size=eval_batch_size, device=device,
                                   dtype=dtype, resize_to=eval_resize)
 window = torch.zeros(log_interval, device=device)  # losses since the last log point, read only there

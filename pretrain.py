@@ -150,7 +150,7 @@ def save_pictures(epochs_done):
 train_step = steps.make_pretrain_step(model, optimizer, num_patches=cfg.num_patches, batch_size=batch_size,
                                       rank=rank, world_size=world_size, seed=seed, crop_scale=crop_scale,
                                       mask_ratio=mask_ratio, device=device, dtype=dtype,
-                                      cuda_graph=graphs)
+                                      compile=compile, cuda_graph=graphs)
 window = torch.zeros(log_interval, device=device)  # losses since the last log point, read only there
 last_log, last_save = iter_num, time.time()
 progress = runtime.Progress(end_iter, iter_num, batch_size)

@@ -5,6 +5,8 @@ bench.py, so the benchmark times exactly the code that training runs.
 A step takes the global batch as uint8 (B, H, W, 3) on the device. Every process draws the random
 augmentation of the whole global batch from the RNG seeded by (seed, iteration), then keeps its own
 slice: N processes train on exactly what one would, and a resumed run repeats an uninterrupted one.
+The draws come first, eagerly (a few kernels); the pixel work that follows draws nothing, so with
+compile it is compiled too, fusing its hundreds of small ops, and still sees eager mode's numbers.
 With cuda_graph (one process on a GPU) the augmentation and the training update are each recorded
 once as a CUDA graph and replayed (runtime.cuda_graphed): the same kernels, two launches a step.
 """
@@ -16,16 +18,25 @@ import data
 import runtime
 
 
+def compiled(fn, compile):
+    # whole graph, static shapes: the augmentation has no data-dependent control flow
+    return torch.compile(fn, fullgraph=True, dynamic=False) if compile else fn
+
+
 def make_pretrain_step(model, optimizer, *, num_patches, batch_size, rank, world_size, seed,
-                       crop_scale, mask_ratio, device, dtype, cuda_graph=False):
+                       crop_scale, mask_ratio, device, dtype, compile=False, cuda_graph=False):
     local = batch_size // world_size
     mine = slice(rank * local, (rank + 1) * local)
 
+    def crop(images_u8, draws):
+        return data.normalize(data.resized_crop_flip(data.to_float(images_u8), draws))[mine]
+    crop = compiled(crop, compile)
+
     @torch.no_grad()  # in fp32, outside autocast
     def augment_batch(images_u8):
-        imgs = data.normalize(data.random_resized_crop_flip(data.to_float(images_u8), crop_scale))
+        draws = data.crop_flip_draws(batch_size, crop_scale, device=device)
         noise = torch.rand(batch_size, num_patches, device=device)  # fixes the masks
-        return imgs[mine], noise[mine]  # (B/N, 3, H, W), (B/N, L)
+        return crop(images_u8, draws), noise[mine]  # (B/N, 3, H, W), (B/N, L)
 
     def train(imgs, noise):
         with runtime.autocast(device, dtype):
@@ -49,20 +60,28 @@ def make_pretrain_step(model, optimizer, *, num_patches, batch_size, rank, world
 
 def make_finetune_step(model, optimizer, *, num_classes, batch_size, rank, world_size, seed, crop_scale,
                        rand_augment_ops, rand_augment_magnitude, reprob, mixup, cutmix, label_smoothing,
-                       clip_grad, device, dtype, cuda_graph=False):
+                       clip_grad, device, dtype, compile=False, cuda_graph=False):
     local = batch_size // world_size
     mine = slice(rank * local, (rank + 1) * local)
 
-    @torch.no_grad()
-    def augment_batch(images_u8, labels):
-        x = data.random_resized_crop_flip(data.to_float(images_u8), crop_scale)  # (B, 3, H, W), 0..255
-        if rand_augment_ops > 0:
-            x = augment.rand_augment(x, rand_augment_ops, rand_augment_magnitude)
+    def transform(images_u8, labels, crop, rand_aug, erasing, mix):
+        x = data.resized_crop_flip(data.to_float(images_u8), crop)  # (B, 3, H, W), 0..255
+        x = augment.rand_augment(x, rand_aug, rand_augment_magnitude)
         x = data.normalize(x)
         if reprob > 0:
-            x = augment.random_erasing(x, reprob)
-        x, targets = augment.mixup_cutmix(x, labels, num_classes, mixup, cutmix, label_smoothing=label_smoothing)
+            x = augment.random_erasing(x, erasing, reprob)
+        x, targets = augment.mixup_cutmix(x, labels, num_classes, mix, label_smoothing)
         return x[mine], targets[mine]  # (B/N, 3, H, W), (B/N, C)
+    transform = compiled(transform, compile)
+
+    @torch.no_grad()
+    def augment_batch(images_u8, labels):
+        B, H, W, C = images_u8.shape  # drawn in the order the steps use them
+        crop = data.crop_flip_draws(B, crop_scale, device=device)
+        rand_aug = augment.rand_augment_draws(B, rand_augment_ops, device)
+        erasing = augment.erasing_draws((B, C, H, W), device) if reprob > 0 else None
+        mix = augment.mixup_draws(B, H, W, device, mixup, cutmix)
+        return transform(images_u8, labels, crop, rand_aug, erasing, mix)
 
     def train(x, targets):
         with runtime.autocast(device, dtype):

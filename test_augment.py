@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from augment import OP_NAMES, OPS, SIGNED, mixup_cutmix, op_magnitudes, rand_augment, random_erasing
+from augment import (OP_NAMES, OPS, SIGNED, erasing_draws, mixup_cutmix, mixup_draws, op_magnitudes, rand_augment,
+                     rand_augment_draws, random_erasing)
 
 ZIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data', 'tiny-imagenet-200.zip')
 
@@ -147,15 +148,15 @@ def test_op_table_names():
 def test_rand_augment_shape_range_and_identity():
     torch.manual_seed(0)
     x = to_tensor(generated_images() * 8)
-    out = rand_augment(x, num_ops=2, magnitude=9)
+    out = rand_augment(x, rand_augment_draws(len(x), num_ops=2), magnitude=9)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert out.min() >= 0 and out.max() <= 255 and torch.equal(out, out.round())
     assert not torch.equal(out, x)
-    assert torch.equal(rand_augment(x, num_ops=0), x)
+    assert torch.equal(rand_augment(x, rand_augment_draws(len(x), num_ops=0)), x)
     torch.manual_seed(1)
-    a = rand_augment(x)
+    a = rand_augment(x, rand_augment_draws(len(x)))
     torch.manual_seed(1)
-    assert torch.equal(rand_augment(x), a)  # the global RNG alone decides: resumable
+    assert torch.equal(rand_augment(x, rand_augment_draws(len(x))), a)  # the global RNG alone decides: resumable
 
 def test_rand_augment_draws_each_op_per_image():
     # many copies of one image, one layer: identify the op (and sign) each copy got from
@@ -170,7 +171,7 @@ def test_rand_augment_draws_each_op_per_image():
     outs = torch.stack([c for *_, c in candidates])
     assert all((outs[i] != outs[j]).any() for i in range(len(outs)) for j in range(i))
     torch.manual_seed(0)
-    out = rand_augment(img.expand(B, -1, -1, -1).contiguous(), num_ops=1, magnitude=9)
+    out = rand_augment(img.expand(B, -1, -1, -1).contiguous(), rand_augment_draws(B, num_ops=1), magnitude=9)
     match = (out[:, None] == outs[None]).flatten(2).all(2)  # (B, candidates)
     assert torch.equal(match.sum(1), torch.ones(B, dtype=torch.long))
     which = match.float().argmax(1)
@@ -191,7 +192,7 @@ def test_random_erasing():
     torch.manual_seed(0)
     B, H, W = 2000, 32, 48
     x = torch.full((B, 3, H, W), 7.0)
-    out = random_erasing(x, prob=0.25)
+    out = random_erasing(x, erasing_draws(x.shape), prob=0.25)
     changed = out != x
     assert torch.equal(changed.all(1), changed.any(1))  # all channels of a pixel or none
     touched = changed.flatten(1).any(1)
@@ -213,9 +214,12 @@ def test_random_erasing():
     assert min(tops) == 0 and max(bottoms) == H  # the whole range of positions is used
     noise = out[changed]
     assert abs(noise.mean().item()) < 0.02 and abs(noise.std().item() - 1) < 0.02
-    assert torch.equal(random_erasing(x, prob=0.0), x)
+    assert torch.equal(random_erasing(x, erasing_draws(x.shape), prob=0.0), x)
 
 # ---------------------------------------------------------------------------------
+
+def mix(x, y, num_classes, label_smoothing=0.1, **alphas):
+    return mixup_cutmix(x, y, num_classes, mixup_draws(len(x), *x.shape[2:], **alphas), label_smoothing)
 
 def constant_batch(B, H=16, W=24):
     # image i is the constant i, so every output pixel names its source image
@@ -231,7 +235,7 @@ def test_cutmix_weight_is_pasted_fraction():
     B = 64
     x, y = constant_batch(B), torch.arange(B) % 50
     assert (y != y.flip(0)).all()
-    out, t = mixup_cutmix(x, y, 50, mixup_alpha=0.0, cutmix_alpha=1.0)
+    out, t = mix(x, y, 50, mixup_alpha=0.0, cutmix_alpha=1.0)
     assert torch.allclose(t.sum(1), torch.ones(B))
     src = torch.arange(B).view(B, 1, 1, 1).float()
     from_self, from_partner = out == src, out == src.flip(0)
@@ -252,7 +256,7 @@ def test_cutmix_box_sizes_match_timm():
     ww = np.clip(cx + cut_w // 2, 0, W) - np.clip(cx - cut_w // 2, 0, W)
     expected = (hh * ww / (H * W)).mean()
     torch.manual_seed(0)
-    out, _ = mixup_cutmix(constant_batch(B, H, W), torch.zeros(B, dtype=torch.long), 10, mixup_alpha=0.0)
+    out, _ = mix(constant_batch(B, H, W), torch.zeros(B, dtype=torch.long), 10, mixup_alpha=0.0)
     src = torch.arange(B).view(B, 1, 1, 1).float()
     pasted = (out != src).flatten(1).float().mean(1)
     assert abs(pasted.mean().item() - expected) < 0.02, (pasted.mean().item(), expected)
@@ -263,7 +267,7 @@ def test_mixup_is_linear_blend():
     x = torch.rand(B, 3, 16, 24) * 255
     y = (torch.arange(B) * 7) % 50
     assert (y != y.flip(0)).all()
-    out, t = mixup_cutmix(x, y, 50, mixup_alpha=0.8, cutmix_alpha=0.0)
+    out, t = mix(x, y, 50, mixup_alpha=0.8, cutmix_alpha=0.0)
     assert torch.allclose(t.sum(1), torch.ones(B))
     lam = 1 - partner_weight(t, y).view(B, 1, 1, 1)
     assert torch.allclose(out, lam * x + (1 - lam) * x.flip(0), atol=1e-3)
@@ -273,7 +277,7 @@ def test_mixup_cutmix_switch():
     torch.manual_seed(0)
     B = 400
     x, y = constant_batch(B), torch.arange(B) % 50
-    out, t = mixup_cutmix(x, y, 50)
+    out, t = mix(x, y, 50)
     assert torch.allclose(t.sum(1), torch.ones(B))
     src = torch.arange(B).view(B, 1, 1, 1).float()
     # cutmix pixels come whole from one image or its partner; mixup pixels are blends
@@ -282,7 +286,7 @@ def test_mixup_cutmix_switch():
 
 def test_label_smoothing_only():
     x, y = torch.rand(5, 3, 8, 8), torch.tensor([0, 3, 9, 3, 1])
-    out, t = mixup_cutmix(x, y, 10, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.1)
+    out, t = mix(x, y, 10, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.1)
     assert torch.equal(out, x)
     expected = torch.full((5, 10), 0.01)
     expected[torch.arange(5), y] = 0.91

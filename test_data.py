@@ -40,7 +40,7 @@ def pillow_crop(img, top, left, h, w, flip, size):
 def test_resized_crop_flip_matches_pillow(source):
     torch.manual_seed(0)
     images = sample_images() if source == "real" else np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), np.uint8)
-    top, left, h, w = data.crop_boxes(8, 64, 64, (0.08, 1.0))
+    top, left, h, w = data.crop_boxes(data.crop_flip_draws(8, (0.08, 1.0)), 64, 64)
     flip = torch.arange(8) % 2 == 0
     ours = data.resized_crop(data.to_float(torch.from_numpy(images)), top, left, h, w, flip, 64)
     worst, off = 0.0, 0.0
@@ -75,7 +75,7 @@ def torchvision_get_params(rng, H, W, scale, ratio=(3 / 4, 4 / 3)):
 def test_crop_boxes_follow_random_resized_crop():
     torch.manual_seed(0)
     n = 20000
-    top, left, h, w = data.crop_boxes(n, 64, 64, (0.2, 1.0))
+    top, left, h, w = data.crop_boxes(data.crop_flip_draws(n, (0.2, 1.0)), 64, 64)
     assert torch.all((top >= 0) & (left >= 0) & (top + h <= 64) & (left + w <= 64) & (h > 0) & (w > 0))
     import random
     rng = random.Random(0)
