@@ -160,10 +160,14 @@ class Encoder(nn.Module):
     def forward(self, imgs, ids_keep=None, final_norm=True):
         """imgs (B, C, H, W) -> tokens (B, 1 + K, D): the cls token, then the K patches in ids_keep
         (all L patches when ids_keep is None)."""
-        x = self.patch_embed(patchify(imgs, self.cfg.patch_size))  # (B, L, D)
-        x = x + self.pos_embed[:, 1:]
-        if ids_keep is not None:  # only the visible patches go through the encoder
-            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
+        patches, pos = patchify(imgs, self.cfg.patch_size), self.pos_embed[:, 1:]  # (B, L, p*p*C), (1, L, D)
+        if ids_keep is not None:
+            # only the visible patches go through the encoder: picked before the embedding, which
+            # works on each patch alone, so the hidden ones are never embedded (the official code
+            # embeds all, then picks; the same numbers, at a quarter of the work)
+            patches = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+            pos = pos[0, ids_keep]  # (B, K, D)
+        x = self.patch_embed(patches) + pos  # (B, K, D), or (B, L, D) with every patch
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         for block in self.blocks:
