@@ -5,13 +5,14 @@ optimizer included, on synthetic uint8 data of Tiny ImageNet's shape held on the
     python bench.py --stage=pretrain              # batch 256, the protocol's
     python bench.py --stage=finetune              # batch 128, the protocol's
     python bench.py --stage=pretrain --check      # optimised path vs plain fp32 eager: same loss?
-    python bench.py --stage=pretrain --profile    # the top kernels (or CPU ops) by time
+    python bench.py --stage=pretrain --profile    # the top kernels (or CPU ops) by time, and by family
     python bench.py --stage=attention             # each attention kernel at the model's shapes
 
 Prints milliseconds per step, model FLOPs per image (counted by torch.utils.flop_counter), the
 achieved fraction of the GPU's bf16 peak, the time of the augmentation alone, and images/s (the
 median of `repeats` measurements of `steps` steps each, after warm-up) as its last line.
 """
+import re
 import statistics
 import sys
 import time
@@ -19,6 +20,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -46,6 +48,13 @@ seed = 0
 # dense bf16 tensor-core peaks, TFLOP/s: the 790 of ../shared/reference.md for Hopper cards
 PEAKS = {"H100": 790.0, "H200": 790.0, "A100": 312.0}
 NUM_IMAGES, NUM_CLASSES = 100_000, 200
+# the profile's summary: GPU kernels (or CPU ops) by family, the first pattern that their name matches
+# (Inductor names its pointwise and reduction kernels after the ops they fuse, attention's among them)
+FAMILIES = {"compiled (Inductor)": r"^triton_(poi|per|red)_|^cpp_fused",
+            "attention": r"sdpa|attention|fmha|flash|cudnn",
+            "matrix products": r"gemm|nvjet|cutlass|xmma|splitk|cublas|^triton_tem_|aten::(add|b)?mm\b",
+            "optimizer": r"multi_tensor|foreach|adam",
+            "other": r""}
 
 
 def synthetic_data(device):
@@ -176,6 +185,25 @@ def attention_times():
         print(row)
 
 
+def print_families(averages, steps):
+    """Time and count per step of each family of GPU kernels (on the CPU: of ATen ops, by self time):
+    many short kernels point at fusion, a few long ones at the kernels themselves."""
+    on_gpu = device.startswith("cuda")
+    rows = [(e.key, e.self_device_time_total if on_gpu else e.self_cpu_time_total, e.count)
+            for e in averages if e.device_type == (DeviceType.CUDA if on_gpu else DeviceType.CPU)]
+    totals = {name: [0.0, 0] for name in FAMILIES}
+    for key, us, count in rows:
+        family = next(name for name, pattern in FAMILIES.items() if re.search(pattern, key, re.IGNORECASE))
+        totals[family][0] += us / 1000 / steps
+        totals[family][1] += count / steps
+    all_ms, all_count = sum(ms for ms, _ in totals.values()), sum(n for _, n in totals.values())
+    what = "GPU kernels" if on_gpu else "CPU ops (self time)"
+    print(f"{what} per step, by family:")
+    for name, (ms, count) in totals.items():
+        print(f"  {name:<22}{ms:8.3f} ms {ms / all_ms:5.0%}  {count:6.0f} calls")
+    print(f"  {'all':<22}{all_ms:8.3f} ms {1:5.0%}  {all_count:6.0f} calls")
+
+
 def seconds_per_call(fn, first):
     """`repeats` timings of fn(i) over `steps_per_repeat` consecutive i from `first`, in seconds per call."""
     times, i = [], first
@@ -218,6 +246,7 @@ def main():
             sync()
         key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=20))
+        print_families(prof.key_averages(), steps_per_repeat)
     rates = [batch_size / s for s in seconds_per_call(run, warmup)]
     images_per_s = statistics.median(rates)
     flops = flops_per_image(synthetic)

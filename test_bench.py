@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import bench
 from test_pretrain import run
 
 
@@ -36,9 +37,37 @@ def test_bench_reports_throughput_and_flops():
     gflops = float(re.search(r"([0-9.]+) GFLOP/image", result.stdout).group(1))
     assert 2.0 < gflops < 2.3
     assert "aten::" in result.stdout  # the profile table
+    # and its summary by family: every op in exactly one family, the matrix products among them
+    families = dict(re.findall(r"^  (\S.*?) +([0-9.]+) ms", result.stdout, re.MULTILINE))
+    assert set(families) == set(bench.FAMILIES) | {"all"}
+    total = float(families.pop("all"))
+    assert float(families["matrix products"]) > 0 and float(families["attention"]) > 0
+    assert abs(sum(map(float, families.values())) - total) < 0.01 * total
     # the augmentation timed on its own is a part of the step
     share = re.search(r"augmentation alone: ([0-9.]+) ms/batch = ([0-9]+)% of the step", result.stdout)
     assert float(share.group(1)) > 0 and 0 <= int(share.group(2)) <= 100
+
+
+def family(kernel):
+    return next(name for name, pattern in bench.FAMILIES.items() if re.search(pattern, kernel, re.IGNORECASE))
+
+
+def test_profile_families_of_gpu_kernels():
+    # kernel names as the H200 profile printed them (results/h200/bench.txt), and PyTorch's own
+    # attention kernels, whose names mention the CUTLASS library their matrix tiles come from
+    expected = {"cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wg": "attention",
+                "void cudnn::fusion::convert_dq_to_16bits<true>(void": "attention",
+                "fmha_cutlassB_f16_aligned_64x64_k64_sm80": "attention",
+                "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel": "attention",
+                "nvjet_sm90_tst_64x64_64x13_1x2_h_bz_splitK_NTT": "matrix products",
+                "void cublasLt::splitKreduce_kernel<32, 16, int, floa": "matrix products",
+                "triton_tem_fused_addmm_gelu_3": "matrix products",
+                "triton_per_fused__to_copy_add_native_layer_norm_back": "compiled (Inductor)",
+                "triton_poi_fused__scaled_dot_product_cudnn_attention_backward_7": "compiled (Inductor)",
+                "void at::native::(anonymous namespace)::multi_tensor": "optimizer",
+                "void at::native::reduce_kernel<128, 4, at::native::R": "other",
+                "aten::addmm": "matrix products", "aten::mm": "matrix products", "aten::mul": "other"}
+    assert {kernel: family(kernel) for kernel in expected} == expected
 
 
 def test_attention_table_times_each_kernel():
