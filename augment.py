@@ -139,7 +139,6 @@ OPS = {  # in the order torchvision draws from
     **{name: _enhancement(name) for name in DEGENERATE},
     'Posterize': posterize, 'Solarize': solarize, 'AutoContrast': autocontrast, 'Equalize': equalize,
 }
-OP_NAMES = tuple(OPS)
 SIGNED = {'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'Brightness', 'Color', 'Contrast', 'Sharpness'}
 
 def op_magnitudes(magnitude, height, width, num_bins=31):
@@ -170,7 +169,7 @@ def rand_augment(images, draws, magnitude=9, num_bins=31):
              for name in OPS}
         drew = {name: op_index == k for k, name in enumerate(OPS)}  # (B,) each
         # one resampling for the geometric ops, each image with its own op's matrix (identity if none)
-        matrix = _matrix(sign.double(), 1, 0, 0, 0, 1, 0)
+        matrix = _matrix(sign.double(), 1, 0, 0, 0, 1, 0)  # identities, (B, 6): sign lends its batch size and device
         for name, op_matrix in AFFINE.items():
             matrix = torch.where(drew[name].view(B, 1), op_matrix(m[name].double(), H, W), matrix)
         # one blend for the enhancements, each image towards its own op's degenerate image

@@ -4,7 +4,7 @@ optimizer included, on synthetic uint8 data of Tiny ImageNet's shape held on the
 
     python bench.py --stage=pretrain              # batch 256, the protocol's
     python bench.py --stage=finetune              # batch 128, the protocol's
-    python bench.py --stage=pretrain --check      # optimised path vs plain fp32 eager: same loss?
+    python bench.py --stage=pretrain --check      # optimised path vs plain fp32 eager: same augmentation and loss?
     python bench.py --stage=pretrain --profile    # the top kernels (or CPU ops) by time, and by family
     python bench.py --stage=attention             # each attention kernel at the model's shapes
 
@@ -120,11 +120,12 @@ def sync():
 def flops_per_image(synthetic):
     """Forward + backward FLOPs of one image through the model (matrix products and attention;
     the augmentation and the optimizer are a rounding error)."""
-    run = build(synthetic, "float32", False, False, "auto", 8)
+    images = 8
+    run = build(synthetic, "float32", False, False, "auto", images)
     # the math attention backend is plain matrix products, which the counter knows on every device
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         run(0)
-    return counter.get_total_flops() / 8
+    return counter.get_total_flops() / images
 
 
 def check_paths(synthetic, card):
@@ -185,7 +186,7 @@ def attention_times():
         print(row)
 
 
-def print_families(averages, steps):
+def print_families(averages, num_steps):
     """Time and count per step of each family of GPU kernels (on the CPU: of ATen ops, by self time):
     many short kernels point at fusion, a few long ones at the kernels themselves."""
     on_gpu = device.startswith("cuda")
@@ -194,8 +195,8 @@ def print_families(averages, steps):
     totals = {name: [0.0, 0] for name in FAMILIES}
     for key, us, count in rows:
         family = next(name for name, pattern in FAMILIES.items() if re.search(pattern, key, re.IGNORECASE))
-        totals[family][0] += us / 1000 / steps
-        totals[family][1] += count / steps
+        totals[family][0] += us / 1000 / num_steps
+        totals[family][1] += count / num_steps
     all_ms, all_count = sum(ms for ms, _ in totals.values()), sum(n for _, n in totals.values())
     what = "GPU kernels" if on_gpu else "CPU ops (self time)"
     print(f"{what} per step, by family:")
@@ -218,19 +219,19 @@ def seconds_per_call(fn, first):
 
 
 def main():
-    global batch_size
+    global batch_size, cuda_graph
     configure(globals(), sys.argv[1:])
     if stage not in ("pretrain", "finetune", "attention"):
         raise SystemExit(f"error: stage must be 'pretrain', 'finetune' or 'attention', not {stage!r}")
     batch_size = batch_size or {"pretrain": 256, "finetune": 128}.get(stage, 0)
     runtime.setup_device(device, dtype, seed)
-    runtime.use_cuda_graphs(cuda_graph, device, 1)
+    cuda_graph = runtime.use_cuda_graphs(cuda_graph, device, 1)
     card = runtime.hardware(device)
     if stage == "attention":
         print(card)
         return attention_times()
     synthetic = synthetic_data(device)
-    if check:  # the same first batch, crops, masks and weights through both paths
+    if check:  # four batches through both paths, from the same weights: augmentation and loss compared
         check_paths(synthetic, card)
     run = build(synthetic, dtype, compile, cuda_graph, attention, batch_size)
     for i in range(warmup):
@@ -244,7 +245,7 @@ def main():
             for i in range(steps_per_repeat):
                 run(warmup + i)
             sync()
-        key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+        key = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=20))
         print_families(prof.key_averages(), steps_per_repeat)
     rates = [batch_size / s for s in seconds_per_call(run, warmup)]

@@ -60,17 +60,20 @@ def to_float(images_u8):
 # -----------------------------------------------------------------------------
 # random resized crop + horizontal flip
 
-def crop_flip_draws(B, scale, ratio=(3 / 4, 4 / 3), device="cpu"):
+CROP_RATIO = (3 / 4, 4 / 3)  # the aspect ratios a random resized crop may take, as torchvision's default
+
+
+def crop_flip_draws(B, scale, device="cpu"):
     """Every random number of B random resized crops + flips, drawn apart from the pixel work so
     that the work can be compiled (torch.compile draws other numbers than eager): per image ten
     (area fraction, log aspect) attempts, top and left as fractions of the free range, the flip."""
     area = torch.empty(B, 10, device=device).uniform_(*scale)
-    log_aspect = torch.empty(B, 10, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    log_aspect = torch.empty(B, 10, device=device).uniform_(*map(math.log, CROP_RATIO))
     top, left = torch.rand(B, device=device), torch.rand(B, device=device)
     return area, log_aspect, top, left, torch.rand(B, device=device) < 0.5
 
 
-def crop_boxes(draws, H, W, ratio=(3 / 4, 4 / 3)):
+def crop_boxes(draws, H, W):
     """torchvision's RandomResizedCrop.get_params for B images at once: (top, left, height, width),
     integer tensors (B,). The ten attempts of each image are tried together and the first that fits
     is taken, the same distribution as trying them one after another; a centre crop otherwise."""
@@ -82,10 +85,10 @@ def crop_boxes(draws, H, W, ratio=(3 / 4, 4 / 3)):
     first = fits.int().argmax(dim=1, keepdim=True)  # index of the first attempt that fits
     w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
     # fallback when no attempt fits: the whole image, cut to the nearest allowed aspect ratio
-    if W / H < ratio[0]:
-        fw, fh = W, round(W / ratio[0])
-    elif W / H > ratio[1]:
-        fw, fh = round(H * ratio[1]), H
+    if W / H < CROP_RATIO[0]:
+        fw, fh = W, round(W / CROP_RATIO[0])
+    elif W / H > CROP_RATIO[1]:
+        fw, fh = round(H * CROP_RATIO[1]), H
     else:
         fw, fh = W, H
     found = fits.any(dim=1)
@@ -134,22 +137,18 @@ def resized_crop(x, top, left, h, w, flip, out_size):
     return resample(x, rows, cols)
 
 
-def resized_crop_flip(x, draws, out_size=None):
-    """Each image of x (B, C, H, W, values 0..255) its own crop and mirror, from crop_flip_draws."""
+def resized_crop_flip(x, draws):
+    """Each image of x (B, C, H, W, values 0..255) its own crop and mirror, from crop_flip_draws,
+    at the input's size."""
     top, left, h, w = crop_boxes(draws, *x.shape[2:])
-    return resized_crop(x, top, left, h, w, draws[-1], out_size or x.shape[2])
-
-
-def random_flip(x):
-    flip = torch.rand(x.shape[0], device=x.device) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    return resized_crop(x, top, left, h, w, draws[-1], x.shape[2])
 
 
 def resize_centre_crop(x, resize_to, out_size):
     """The reference's evaluation transform: resize to resize_to, then the central out_size crop."""
     B, _, H, W = x.shape
-    ones = torch.ones(B, device=x.device)
+    zeros, ones = torch.zeros(B, device=x.device), torch.ones(B, device=x.device)
     offset = int(round((resize_to - out_size) / 2.0))  # torchvision's centre-crop rounding
-    rows = resize_matrix(0 * ones, H * ones, resize_to, H)[:, offset:offset + out_size]
-    cols = resize_matrix(0 * ones, W * ones, resize_to, W)[:, offset:offset + out_size]
+    rows = resize_matrix(zeros, H * ones, resize_to, H)[:, offset:offset + out_size]
+    cols = resize_matrix(zeros, W * ones, resize_to, W)[:, offset:offset + out_size]
     return resample(x, rows, cols)

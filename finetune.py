@@ -84,6 +84,9 @@ log_path, last_path, best_path = (os.path.join(out_dir, f) for f in ("finetune_l
 train_images, train_labels = data.load_split(data_dir, "train", device)
 val_images, val_labels = data.load_split(data_dir, "val", device)
 num_classes = data.num_classes(data_dir)
+if 0 < eval_resize < val_images.shape[1]:  # the central crop must fit inside the resized image
+    raise SystemExit(f"error: eval_resize={eval_resize} is smaller than the {val_images.shape[1]}px images; "
+                     f"give 0 (no resize) or at least {val_images.shape[1]}")
 iters_per_epoch = len(train_images) // batch_size
 if iters_per_epoch == 0:
     raise SystemExit(f"error: batch_size={batch_size} is larger than the training set ({len(train_images)})")

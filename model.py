@@ -164,11 +164,11 @@ class Encoder(nn.Module):
         if ids_keep is not None:
             # only the visible patches go through the encoder: picked before the embedding, which
             # works on each patch alone, so the hidden ones are never embedded (the official code
-            # embeds all, then picks; the same numbers, at a quarter of the work)
-            patches = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+            # embeds all, then picks: the same tokens, for four times the embedding's work)
+            patches = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))  # (B, K, p*p*C)
             pos = pos[0, ids_keep]  # (B, K, D)
         x = self.patch_embed(patches) + pos  # (B, K, D), or (B, L, D) with every patch
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1)
         for block in self.blocks:
             x = block(x)
@@ -220,7 +220,7 @@ class MAE(nn.Module):
         x = self.decoder_embed(latent)  # (B, 1 + K, Dd)
         B, L = ids_restore.shape
         # append mask tokens after the visible patches, then unshuffle into image order
-        mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)
+        mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)  # (B, L - K, Dd), one per hidden patch
         x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, Dd)
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # (B, 1 + L, Dd)
@@ -263,9 +263,10 @@ class MAE(nn.Module):
             std = (target.var(-1, keepdim=True).add(1e-6).sqrt() * visible).sum(1, keepdim=True) / n
             pred = pred * std + mean
         m = mask.unsqueeze(-1)
-        masked = unpatchify(target * (1 - m), p)
-        pasted = unpatchify(target * (1 - m) + pred * m, p)
-        return masked, unpatchify(pred, p), pasted
+        C = self.cfg.in_chans
+        masked = unpatchify(target * (1 - m), p, C)
+        pasted = unpatchify(target * (1 - m) + pred * m, p, C)
+        return masked, unpatchify(pred, p, C), pasted
 
 
 # -----------------------------------------------------------------------------

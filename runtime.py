@@ -99,9 +99,9 @@ def cleanup():
 
 
 # -----------------------------------------------------------------------------
-# CUDA graphs: a training step is hundreds of small kernels (the augmentation alone is about 150 of them
+# CUDA graphs: a training step is hundreds of small kernels (the eager augmentation alone is about 150 of them
 # in pre-training, 800 in fine-tuning), and launching them one by one from Python costs far more than
-# running them. Recorded once as a CUDA graph, each step is one launch.
+# running them. Recorded once as CUDA graphs (the augmentation, and the update), each step is two launches.
 
 
 def cuda_graphed(fn, warmup=2):
@@ -195,12 +195,12 @@ def set_lr(optimizer, lr):
             group["lr"] = value
 
 
-def param_groups(model, weight_decay, skip=()):
-    """No weight decay on biases, norms and other 1-D parameters, nor on the names in skip."""
+def param_groups(model, weight_decay):
+    """No weight decay on biases, norms and other 1-D parameters."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+            (no_decay if p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

@@ -54,7 +54,7 @@ def make_pretrain_step(model, optimizer, *, num_patches, batch_size, rank, world
         runtime.seed_step(seed, it)
         return train(*augment_batch(images_u8))
 
-    step.augment = augment_batch  # for bench.py --check
+    step.augment = augment_batch  # for bench.py: --check compares it, and it is timed alone
     return step
 
 
@@ -71,13 +71,13 @@ def make_finetune_step(model, optimizer, *, num_classes, batch_size, rank, world
         if reprob > 0:
             x = augment.random_erasing(x, erasing, reprob)
         x, targets = augment.mixup_cutmix(x, labels, num_classes, mix, label_smoothing)
-        return x[mine], targets[mine]  # (B/N, 3, H, W), (B/N, C)
+        return x[mine], targets[mine]  # (B/N, 3, H, W), (B/N, num_classes)
     transform = compiled(transform, compile)
 
     @torch.no_grad()
     def augment_batch(images_u8, labels):
-        B, H, W, C = images_u8.shape  # drawn in the order the steps use them
-        crop = data.crop_flip_draws(B, crop_scale, device=device)
+        B, H, W, C = images_u8.shape
+        crop = data.crop_flip_draws(B, crop_scale, device=device)  # drawn in the order the steps use them
         rand_aug = augment.rand_augment_draws(B, rand_augment_ops, device)
         erasing = augment.erasing_draws((B, C, H, W), device) if reprob > 0 else None
         mix = augment.mixup_draws(B, H, W, device, mixup, cutmix)
@@ -104,7 +104,7 @@ def make_finetune_step(model, optimizer, *, num_classes, batch_size, rank, world
         runtime.seed_step(seed, it, stream=1 + rank)  # this process's own draws (drop path)
         return train(x, targets)
 
-    step.augment = augment_batch
+    step.augment = augment_batch  # for bench.py: --check compares it, and it is timed alone
     return step
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from augment import (OP_NAMES, OPS, SIGNED, erasing_draws, mixup_cutmix, mixup_draws, op_magnitudes, rand_augment,
+from augment import (OPS, SIGNED, erasing_draws, mixup_cutmix, mixup_draws, op_magnitudes, rand_augment,
                      rand_augment_draws, random_erasing)
 
 ZIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data', 'tiny-imagenet-200.zip')
@@ -131,17 +131,17 @@ def compare_op(name, images):
         assert max_diff <= 1 and frac < 0.001, name
     return max_diff
 
-@pytest.mark.parametrize('name', OP_NAMES)
+@pytest.mark.parametrize('name', OPS)
 def test_op_matches_pillow_real_images(name):
     compare_op(name, real_images())
 
-@pytest.mark.parametrize('name', OP_NAMES)
+@pytest.mark.parametrize('name', OPS)
 def test_op_matches_pillow_generated_images(name):
     compare_op(name, generated_images())
 
 def test_op_table_names():
-    assert OP_NAMES == ('Identity', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'Brightness',
-                        'Color', 'Contrast', 'Sharpness', 'Posterize', 'Solarize', 'AutoContrast', 'Equalize')
+    assert tuple(OPS) == ('Identity', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'Brightness',
+                          'Color', 'Contrast', 'Sharpness', 'Posterize', 'Solarize', 'AutoContrast', 'Equalize')
 
 # ---------------------------------------------------------------------------------
 
@@ -165,7 +165,7 @@ def test_rand_augment_draws_each_op_per_image():
     B = 1400
     mags = op_magnitudes(9, *img.shape[-2:])
     candidates = []
-    for name in OP_NAMES:
+    for name in OPS:
         for s in ([1.0, -1.0] if name in SIGNED else [1.0]):
             candidates.append((name, s, OPS[name](img, torch.tensor([s * mags[name]]))[0]))
     outs = torch.stack([c for *_, c in candidates])
@@ -175,7 +175,7 @@ def test_rand_augment_draws_each_op_per_image():
     match = (out[:, None] == outs[None]).flatten(2).all(2)  # (B, candidates)
     assert torch.equal(match.sum(1), torch.ones(B, dtype=torch.long))
     which = match.float().argmax(1)
-    counts = {n: 0 for n in OP_NAMES}
+    counts = {n: 0 for n in OPS}
     negative = signed = 0
     for i in which.tolist():
         name, s, _ = candidates[i]

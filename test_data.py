@@ -93,14 +93,15 @@ def test_crop_boxes_follow_random_resized_crop():
     assert len(set(map(tuple, ours[:100].tolist()))) > 90
 
 
-def test_random_flip_flips_about_half():
+def test_crop_flip_mirrors_about_half():
+    # full-area crops: each output is the image itself or its mirror, and about half are mirrored
     torch.manual_seed(0)
-    x = torch.arange(2000 * 3 * 4 * 4, dtype=torch.float32).reshape(2000, 3, 4, 4)
-    out = data.random_flip(x)
-    flipped = torch.all((out == x.flip(3)).flatten(1), dim=1)
+    x = data.to_float(torch.from_numpy(sample_images(1))).expand(2000, -1, -1, -1)
+    out = data.resized_crop_flip(x, data.crop_flip_draws(2000, (1.0, 1.0)))
+    mirrored = torch.all((out == x.flip(3)).flatten(1), dim=1)
     same = torch.all((out == x).flatten(1), dim=1)
-    assert torch.all(flipped ^ same)
-    assert 0.45 < flipped.float().mean() < 0.55
+    assert torch.all(mirrored ^ same)
+    assert 0.45 < mirrored.float().mean() < 0.55
 
 
 def test_resize_centre_crop_matches_pillow():

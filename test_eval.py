@@ -171,6 +171,14 @@ def test_bad_init_is_one_clear_line(pretrained, tmp_path, case):
             (script, result.stderr)
 
 
+def test_eval_resize_smaller_than_the_images_is_one_clear_line(pretrained, tmp_path):
+    data_dir, pre = pretrained
+    result = run(["finetune.py", f"--init={pre}/ckpt_2.pt", f"--data_dir={data_dir}", f"--out_dir={tmp_path}/o",
+                  "--device=cpu", "--dtype=float32", "--batch_size=8", "--eval_resize=2"], check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: eval_resize=2"), result.stderr
+
+
 def test_end_to_end_probe_finetune_plot_reconstruct(pretrained, tmp_path):
     data_dir, pre = pretrained
     out = str(tmp_path / "out")
