@@ -56,8 +56,8 @@ def configure(namespace, argv):
                     code = f.read()
             except OSError as e:
                 raise SystemExit(f"error: cannot read config file {arg}: {e.strerror}")
-            values = {}
-            exec(compile(code, arg, "exec"), {}, values)
+            values = {}  # one namespace, so a comprehension in the file sees the file's earlier settings
+            exec(compile(code, arg, "exec"), values)
             for key, value in values.items():
                 if not key.startswith("_") and not isinstance(value, type(sys)):  # skip imports
                     namespace[key] = known[key] = checked(key, value, known, arg)
