@@ -144,6 +144,13 @@ def resized_crop_flip(x, draws):
     return resized_crop(x, top, left, h, w, draws[-1], x.shape[2])
 
 
+def check_eval_resize(resize_to, size):
+    """eval_resize is 0 (the plain image) or at least the image size: the central crop must fit."""
+    if 0 < resize_to < size:
+        raise SystemExit(f"error: eval_resize={resize_to} is smaller than the {size}px images; "
+                         f"give 0 (no resize) or at least {size}")
+
+
 def resize_centre_crop(x, resize_to, out_size):
     """The reference's evaluation transform: resize to resize_to, then the central out_size crop."""
     B, _, H, W = x.shape

@@ -69,6 +69,7 @@ attention = "auto"  # attention kernel: 'auto', 'flash', 'efficient', 'cudnn', '
 seed = 0
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
+runtime.check_settings(config)
 if pool not in ("cls", "avg"):
     raise SystemExit(f"error: pool must be 'cls' or 'avg', not {pool!r}")
 
@@ -84,9 +85,7 @@ log_path, last_path, best_path = (os.path.join(out_dir, f) for f in ("finetune_l
 train_images, train_labels = data.load_split(data_dir, "train", device)
 val_images, val_labels = data.load_split(data_dir, "val", device)
 num_classes = data.num_classes(data_dir)
-if 0 < eval_resize < val_images.shape[1]:  # the central crop must fit inside the resized image
-    raise SystemExit(f"error: eval_resize={eval_resize} is smaller than the {val_images.shape[1]}px images; "
-                     f"give 0 (no resize) or at least {val_images.shape[1]}")
+data.check_eval_resize(eval_resize, val_images.shape[1])
 iters_per_epoch = len(train_images) // batch_size
 if iters_per_epoch == 0:
     raise SystemExit(f"error: batch_size={batch_size} is larger than the training set ({len(train_images)})")
@@ -108,12 +107,15 @@ model = model.to(device)
 optimizer = torch.optim.AdamW(runtime.layer_decay_groups(model, weight_decay, layer_decay), lr=lr,
                               betas=(beta1, beta2), fused=device.startswith("cuda"))
 iter_num, best_top1, train_time, epoch_loss_sum = 0, 0.0, 0.0, 0.0
+last_saved = None  # the iteration ckpt_last.pt holds
 if resume:
     ckpt = runtime.load_checkpoint(last_path, ("model", "optimizer", "model_args", "iter_num"))
+    runtime.check_same_run(ckpt, config, last_path)
     model.load_state_dict(ckpt["model"])
     runtime.load_optimizer(optimizer, ckpt["optimizer"])
     iter_num, best_top1, train_time = ckpt["iter_num"], ckpt["best_top1"], ckpt["train_time"]
     epoch_loss_sum, pretrain_epoch = ckpt["epoch_loss_sum"], ckpt["pretrain_epoch"]
+    last_saved = iter_num
     del ckpt
     if master:
         runtime.truncate_log(log_path, iter_num // iters_per_epoch)
@@ -163,7 +165,7 @@ for it in range(iter_num, total_iters):
     epoch_end = into_epoch == 0
     if done - last_log < log_interval and not epoch_end:
         continue
-    losses = runtime.finite_losses(window, done - last_log, last_log, last_path)
+    losses = runtime.finite_losses(window, done - last_log, last_log, last_path, last_saved)
     epoch_loss_sum += sum(losses)
     last_log = done
     train_time = time.time() - t_start
@@ -188,7 +190,7 @@ for it in range(iter_num, total_iters):
     stopping = stop.received()
     if master and (done == total_iters or stopping or time.time() - last_save >= save_last_every_s):
         save_checkpoint(last_path, done)
-        last_save = time.time()
+        last_save, last_saved = time.time(), done
     if stopping:
         break
 

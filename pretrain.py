@@ -69,6 +69,7 @@ attention = "auto"  # attention kernel: 'auto', 'flash', 'efficient', 'cudnn', '
 seed = 0
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
+runtime.check_settings(config)
 
 device, rank, world_size = runtime.setup_device(device, dtype, seed)
 graphs = runtime.use_cuda_graphs(cuda_graph, device, world_size)
@@ -83,6 +84,8 @@ log_path, last_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, 
 
 train_images, _ = data.load_split(data_dir, "train", device)
 val_images, _ = data.load_split(data_dir, "val", device)
+if train_images.shape[1] % patch_size:
+    raise SystemExit(f"error: patch_size={patch_size} does not divide the {train_images.shape[1]}px images")
 iters_per_epoch = len(train_images) // batch_size  # the last partial batch of an epoch is dropped
 if iters_per_epoch == 0:
     raise SystemExit(f"error: batch_size={batch_size} is larger than the training set ({len(train_images)})")
@@ -94,6 +97,7 @@ lr = blr * batch_size / 256
 ckpt = None
 if init_from == "resume":
     ckpt = runtime.load_checkpoint(last_path, ("model", "optimizer", "model_args", "iter_num"))
+    runtime.check_same_run(ckpt, config, last_path)
     cfg = runtime.model_config(ckpt, last_path)
 else:
     cfg = ViTConfig(img_size=train_images.shape[1], patch_size=patch_size, embed_dim=embed_dim, depth=depth,
@@ -102,11 +106,12 @@ else:
 model = MAE(cfg, norm_pix_loss).to(device)
 optimizer = torch.optim.AdamW(runtime.param_groups(model, weight_decay), lr=lr, betas=(beta1, beta2),
                               fused=device.startswith("cuda"))
-iter_num, epoch_loss_sum = 0, 0.0
+iter_num, epoch_loss_sum, last_saved = 0, 0.0, None  # last_saved: the iteration ckpt_last.pt holds
 if ckpt is not None:
     model.load_state_dict(ckpt["model"])
     runtime.load_optimizer(optimizer, ckpt["optimizer"])
     iter_num, epoch_loss_sum = ckpt["iter_num"], ckpt["epoch_loss_sum"]
+    last_saved = iter_num
     if master:
         runtime.truncate_log(log_path, iter_num // iters_per_epoch)
     del ckpt
@@ -169,7 +174,7 @@ for it in range(iter_num, end_iter):
     keep = epoch_end and (epochs_done % save_every == 0 or epochs_done == epochs)  # a ckpt_{epoch}.pt
     if done - last_log < log_interval and not epoch_end and done < end_iter:
         continue
-    losses = runtime.finite_losses(window, done - last_log, last_log, last_path)
+    losses = runtime.finite_losses(window, done - last_log, last_log, last_path, last_saved)
     epoch_loss_sum += sum(losses)
     last_log = done
     if master:
@@ -189,7 +194,7 @@ for it in range(iter_num, end_iter):
     stopping = stop.received()
     if master and (keep or done == end_iter or stopping or time.time() - last_save >= save_last_every_s):
         save_checkpoint(last_path, done, epoch_loss_sum)
-        last_save = time.time()
+        last_save, last_saved = time.time(), done
     if stopping:
         break
 

@@ -39,6 +39,7 @@ blr = 1e-3  # lr = blr * batch_size / 256
 weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.95
+eval_resize = 0  # 0: the plain 64x64 validation image; 73: the reference's resize to 73 and central 64 crop
 knn_k = 20
 knn_temperature = 0.07
 eval_batch_size = 512  # feature extraction
@@ -51,13 +52,16 @@ seed = 0
 
 
 @torch.no_grad()
-def extract_features(encoder, images_u8, flip=False):
-    """(N, F) features of uint8 images (N, H, W, 3), mirrored when flip."""
+def extract_features(encoder, images_u8, flip=False, resize_to=0):
+    """(N, F) features of uint8 images (N, H, W, 3), mirrored when flip, resized to resize_to and
+    centre-cropped when resize_to > 0 (the reference's evaluation view)."""
     out, progress = [], runtime.Progress(len(images_u8), 0, 1)
     for i in range(0, len(images_u8), eval_batch_size):
         if progress.due(10):
             print(f"  features: {i:,}/{len(images_u8):,} images, ETA {runtime.fmt_duration(progress.tick(i)[1])}")
         x = data.to_float(images_u8[i:i + eval_batch_size])
+        if resize_to > 0:
+            x = data.resize_centre_crop(x, resize_to, x.shape[-1])
         with runtime.autocast(device, dtype):
             tokens = encoder(data.normalize(x.flip(3) if flip else x)).float()  # (B, 1 + L, D)
         cls, avg = tokens[:, 0], tokens[:, 1:].mean(dim=1)
@@ -135,7 +139,7 @@ def probe(path, train_images, train_labels, val_images, val_labels, num_classes)
         encoder = torch.compile(encoder)
     # the two possible feature vectors of every training image: (N, 2, F), index 1 = mirrored
     cached = torch.stack([extract_features(encoder, train_images, flip) for flip in (False, True)], dim=1)
-    val_f = extract_features(encoder, val_images)
+    val_f = extract_features(encoder, val_images, resize_to=eval_resize)
     t_features = time.time() - t0
     head = train_head(lambda idx, flip: cached[idx, flip.long()], train_labels, cached.shape[2], num_classes)
     with torch.no_grad():
@@ -146,8 +150,9 @@ def probe(path, train_images, train_labels, val_images, val_labels, num_classes)
           f"top-5 {probe_acc[1]:.2f}% | {knn_k}-NN top-1 {knn_acc[0]:.2f}% | features {t_features:.1f} s, "
           f"total {wall:.1f} s", flush=True)
     rows = []
-    for method, recipe, (top1, top5) in [("linear_probe", f"{features}, {epochs} ep", probe_acc),
-                                         ("knn", f"{features}, k={knn_k}", knn_acc)]:
+    view = f", eval resize {eval_resize}" if eval_resize else ""
+    for method, recipe, (top1, top5) in [("linear_probe", f"{features}, {epochs} ep{view}", probe_acc),
+                                         ("knn", f"{features}, k={knn_k}{view}", knn_acc)]:
         rows.append({"checkpoint": path, "pretrain_epoch": ckpt.get("epoch"), "method": method, "recipe": recipe,
                      "top1": top1, "top5": top5, "wall_s": wall, "hardware": runtime.hardware(device)})
     with open(os.path.join(out_dir, "results.jsonl"), "a") as f:
@@ -155,7 +160,7 @@ def probe(path, train_images, train_labels, val_images, val_labels, num_classes)
 
 
 if __name__ == "__main__":
-    configure(globals(), sys.argv[1:])
+    runtime.check_settings(configure(globals(), sys.argv[1:]))
     if features not in ("cls", "avg", "both"):
         raise SystemExit(f"error: features must be 'cls', 'avg' or 'both', not {features!r}")
     paths = checkpoint_paths(init)
@@ -165,6 +170,7 @@ if __name__ == "__main__":
     cuda_graph = runtime.use_cuda_graphs(cuda_graph, device, 1)
     train_images, train_labels = data.load_split(data_dir, "train", device)
     val_images, val_labels = data.load_split(data_dir, "val", device)
+    data.check_eval_resize(eval_resize, val_images.shape[1])
     os.makedirs(out_dir, exist_ok=True)
     for path in paths:
         probe(path, train_images, train_labels, val_images, val_labels, data.num_classes(data_dir))

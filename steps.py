@@ -29,14 +29,15 @@ def make_pretrain_step(model, optimizer, *, num_patches, batch_size, rank, world
     mine = slice(rank * local, (rank + 1) * local)
 
     def crop(images_u8, draws):
-        return data.normalize(data.resized_crop_flip(data.to_float(images_u8), draws))[mine]
+        return data.normalize(data.resized_crop_flip(data.to_float(images_u8), draws))
     crop = compiled(crop, compile)
 
     @torch.no_grad()  # in fp32, outside autocast
     def augment_batch(images_u8):
         draws = data.crop_flip_draws(batch_size, crop_scale, device=device)
         noise = torch.rand(batch_size, num_patches, device=device)  # fixes the masks
-        return crop(images_u8, draws), noise[mine]  # (B/N, 3, H, W), (B/N, L)
+        # each image's crop needs only its own draws: a process crops just its slice of the batch
+        return crop(images_u8[mine], tuple(d[mine] for d in draws)), noise[mine]  # (B/N, 3, H, W), (B/N, L)
 
     def train(imgs, noise):
         with runtime.autocast(device, dtype):

@@ -141,6 +141,11 @@ def test_finetune_resume_after_kill_matches_uninterrupted_run(pretrained, tmp_pa
             "iter 8/12", sig)
     assert 0 < load(f"{tmp_path}/killed/ckpt_last.pt")["iter_num"] < 12
     assert not os.path.exists(f"{tmp_path}/killed/results.jsonl")  # a stopped run is not a result
+    # resumed without the first run's --init (it would have been recorded as 'scratch'): one clear line
+    result = run([a for a in common if not a.startswith("--init=")] + [f"--out_dir={tmp_path}/killed", "--resume=True"],
+                 check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "init='scratch' (the checkpoint's: " in lines[0], result.stderr
     run([*common, f"--out_dir={tmp_path}/killed", "--resume=True"])
     a, b = load(f"{tmp_path}/whole/ckpt_last.pt"), load(f"{tmp_path}/killed/ckpt_last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -186,9 +191,12 @@ def test_end_to_end_probe_finetune_plot_reconstruct(pretrained, tmp_path):
     os.symlink(pre, f"{out}/pre")
     run(["probe.py", f"--init={pre}/ckpt_[0-9]*.pt", f"--data_dir={data_dir}", f"--out_dir={out}/probe",
          "--device=cpu", "--dtype=float32", "--epochs=3", "--batch_size=8"])
+    run(["probe.py", f"--init={pre}/ckpt_2.pt", f"--data_dir={data_dir}", f"--out_dir={out}/probe",
+         "--device=cpu", "--dtype=float32", "--epochs=3", "--batch_size=8", "--eval_resize=73"])
     rows = [json.loads(line) for line in open(f"{out}/probe/results.jsonl")]
     assert [(r["pretrain_epoch"], r["method"]) for r in rows] == \
-        [(1.0, "linear_probe"), (1.0, "knn"), (2.0, "linear_probe"), (2.0, "knn")]
+        [(1.0, "linear_probe"), (1.0, "knn"), (2.0, "linear_probe"), (2.0, "knn"), (2.0, "linear_probe"), (2.0, "knn")]
+    assert rows[-2]["recipe"] == "cls, 3 ep, eval resize 73" and rows[-2]["recipe"] != rows[2]["recipe"]
     run(["finetune.py", "config/ft_tin.py", f"--init={pre}/ckpt_2.pt", f"--data_dir={data_dir}",
          f"--out_dir={out}/ft", "--epochs=2", "--warmup_epochs=1", "--batch_size=8", "--device=cpu",
          "--dtype=float32", "--compile=False"])
@@ -196,7 +204,7 @@ def test_end_to_end_probe_finetune_plot_reconstruct(pretrained, tmp_path):
     assert [r["epoch"] for r in log] == [1, 2] and os.path.exists(f"{out}/ft/ckpt_best.pt")
     result = run(["plot.py", f"--out_dir={out}"])
     assert os.path.exists(f"{out}/fig2_loss.png") and os.path.exists(f"{out}/fig3_accuracy.png")
-    assert result.stdout.count("| linear_probe |") == 2 and result.stdout.count("| finetune |") == 1
+    assert result.stdout.count("| linear_probe |") == 3 and result.stdout.count("| finetune |") == 1
     picture = tmp_path / "any.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 80, 3), dtype=np.uint8)).save(picture)
     run(["reconstruct.py", f"--init={pre}/ckpt_2.pt", str(picture), f"--out_dir={out}"])

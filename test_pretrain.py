@@ -121,6 +121,9 @@ def test_torchrun_two_processes_train_as_one(data_dir, tmp_path):
     worst = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
     print(f"1 process vs 2 processes: largest weight difference {worst:.2e}")
     assert worst < 1e-4
+    # the logged loss is the whole batch's (the processes' mean), not rank 0's half
+    log_a, log_b = ([json.loads(line)["loss"] for line in open(os.path.join(d, "log.jsonl"))] for d in (one, two))
+    assert log_b == pytest.approx(log_a, rel=1e-5)
 
 
 def test_torchrun_processes_stop_together_on_sigterm(data_dir, tmp_path):
@@ -134,16 +137,46 @@ def test_torchrun_processes_stop_together_on_sigterm(data_dir, tmp_path):
     assert 6 <= stopped_at < 4000 and f"SIGTERM: stopped at iteration {stopped_at} of 4000" in rest, rest
 
 
-def test_diverging_run_stops_and_keeps_last_good_state(data_dir, tmp_path):
+@pytest.mark.parametrize("refresh", [0, 1e9])
+def test_diverging_run_stops_and_keeps_last_good_state(data_dir, tmp_path, refresh):
     out = str(tmp_path / "nan")
+    os.makedirs(out)
+    open(os.path.join(out, "ckpt_last.pt"), "w").close()  # an older run's file, which the message must not name
     result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--blr=1e30",
-                  "--warmup_epochs=0", "--log_interval=1", "--save_last_every_s=0"], check=False)
+                  "--warmup_epochs=0", "--log_interval=1", f"--save_last_every_s={refresh}"], check=False)
     assert result.returncode != 0
     message = result.stderr.strip().splitlines()[-1]
     assert "loss is nan at iteration" in message or "loss is inf at iteration" in message
     bad_iter = int(message.split("at iteration ")[1].split(";")[0])
-    last = load(os.path.join(out, "ckpt_last.pt"))
-    assert last["iter_num"] == bad_iter  # the state before the step whose loss was not finite
+    if refresh == 0:  # saved at every log point: the state before the step whose loss was not finite
+        assert message.endswith(f"keeps the last good state (iteration {bad_iter})")
+        assert load(os.path.join(out, "ckpt_last.pt"))["iter_num"] == bad_iter
+    else:
+        assert message.endswith("this run has not saved ckpt_last.pt yet"), message
+
+
+@pytest.mark.parametrize("setting, value", [("log_interval", "0"), ("save_every", "0"), ("batch_size", "0"),
+                                            ("crop_scale", "(1.0,0.2)"), ("crop_scale", "(0.2,)"),
+                                            ("mask_ratio", "1.5"), ("warmup_epochs", "-1"), ("embed_dim", "30"),
+                                            ("beta2", "1.0")])
+def test_bad_setting_is_one_clear_line(data_dir, tmp_path, setting, value):
+    result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", f"--{setting}={value}"],
+                 check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: {setting}="), result.stderr
+
+
+def test_resume_with_other_settings_is_one_clear_line(data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--epochs=1"])
+    # what the run's settings shape (weight decay, the batch) may not change; how often it logs may
+    result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--epochs=1",
+                  "--init_from=resume", "--weight_decay=0.5", "--batch_size=4"], check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "weight_decay=0.5 (the checkpoint's: 0.15)" in lines[0] and "batch_size=4 (the checkpoint's: 8)" in lines[0]
+    run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--epochs=1", "--init_from=resume",
+         "--log_interval=3"])
 
 
 def test_schedule_is_the_official_per_iteration_warmup_cosine():
@@ -203,6 +236,9 @@ def test_configurator_rejects_unknown_keys_and_wrong_types(tmp_path):
         configure(dict(ns), [str(cfg_file)])
     with pytest.raises(SystemExit, match="cannot read config file"):
         configure(dict(ns), [str(tmp_path / "missing.py")])
+    # a config file's later settings may be computed from its earlier ones, in a comprehension too
+    cfg_file.write_text("blr = 1e-3\ncrop_scale = tuple(s * blr * 1000 for s in (0.5, 1.0))\n")
+    assert configure(dict(ns), [str(cfg_file)])["crop_scale"] == (0.5, 1.0)
 
 
 if __name__ == "__main__":
