@@ -4,9 +4,10 @@ done on whole batches where the data lives (the GPU, or the CPU): no per-image P
 
 Random resized crop + flip is one linear map per image: each output row is a weighted sum of
 input rows, and likewise for columns. We build those (B, 64, 64) weight matrices with Pillow's
-bicubic resampling rule, which the reference's PIL pipeline uses, and apply them with two batched
-matrix products (columns first, rounding to whole pixel values after each pass, as Pillow does), so
-the result equals Pillow's crop + resize; a flip is the column matrix reversed.
+bicubic resampling rule, which the reference's PIL pipeline uses, rounded to Pillow's fixed-point
+weights, and apply them with two batched float64 matrix products (columns first, rounding to whole
+pixel values after each pass, as Pillow does), so the result is Pillow's crop + resize bit for bit;
+a flip is the column matrix reversed.
 """
 import json
 import math
@@ -100,32 +101,43 @@ def crop_boxes(draws, H, W):
 
 
 def bicubic(d, a=-0.5):
-    """Pillow's bicubic kernel (a = -0.5; torch.nn.functional.interpolate uses -0.75)."""
+    """Pillow's bicubic kernel (a = -0.5; torch.nn.functional.interpolate uses -0.75), written as
+    Pillow evaluates it, so that in float64 it gives Pillow's own weights to the last bit."""
     d = d.abs()
-    near = ((a + 2) * d - (a + 3)) * d * d + 1
-    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    near = ((a + 2.0) * d - (a + 3.0)) * d * d + 1
+    far = (((d - 5) * d + 8) * d - 4) * a
     return torch.where(d < 1, near, torch.where(d < 2, far, torch.zeros_like(d)))
 
 
+PRECISION_BITS = 22  # Pillow's 8-bit resampling works in fixed point: weights are whole multiples of 2**-22
+
+
 def resize_matrix(start, length, out_size, in_size):
-    """(B, out_size, in_size) weights that resize the span [start, start + length) of each image
-    axis to out_size pixels, as Pillow's resize of the cropped image (upsampling: taps that fall
-    outside the crop are dropped and the rest renormalised)."""
-    start, length = start.float().view(-1, 1, 1), length.float().view(-1, 1, 1)
-    centre = (torch.arange(out_size, device=start.device).view(1, -1, 1) + 0.5) * length / out_size
-    taps = torch.floor(centre - 1.5) + torch.arange(4, device=start.device).view(1, 1, 4)  # (B, S, 4)
-    weights = bicubic(taps + 0.5 - centre) * ((taps >= 0) & (taps < length))
-    weights = weights / weights.sum(dim=-1, keepdim=True)
+    """(B, out_size, in_size) float64 weights that resize the span [start, start + length) of each
+    image axis to out_size pixels, as Pillow's resize of the cropped image computes them: in double
+    precision, each output pixel's taps normalised to sum to one (upsampling: taps that fall outside
+    the crop are dropped), then rounded half away from zero to its fixed point."""
+    start, length = start.double().view(-1, 1, 1), length.double().view(-1, 1, 1)
+    f64 = dict(dtype=torch.float64, device=start.device)
+    centre = (torch.arange(out_size, **f64).view(1, -1, 1) + 0.5) * (length / out_size)
+    taps = torch.floor(centre - 1.5) + torch.arange(4, **f64).view(1, 1, 4)  # (B, S, 4)
+    weights = bicubic((taps - centre) + 0.5) * ((taps >= 0) & (taps < length))
+    w0, w1, w2, w3 = weights.unbind(-1)
+    weights = weights / (((w0 + w1) + w2) + w3).unsqueeze(-1)  # summed in Pillow's order
+    one = 2.0 ** PRECISION_BITS
+    weights = torch.trunc(weights * one + torch.where(weights < 0, -0.5, 0.5)) / one
     index = (torch.minimum(taps.clamp(min=0), length - 1) + start).long()  # zero-weight taps: any valid index
-    m = torch.zeros(start.shape[0], out_size, in_size, device=start.device)
+    m = torch.zeros(start.shape[0], out_size, in_size, **f64)
     return m.scatter_add_(2, index, weights)
 
 
 def resample(x, rows, cols):
-    """x (B, C, H, W) -> (B, C, S, S) by the weights rows (B, S, H) and cols (B, S, W), with values
-    rounded and clipped to 0..255 after each pass as Pillow's two-pass resize does."""
-    x = (x @ cols.unsqueeze(1).transpose(2, 3)).round().clamp(0, 255)  # (B, C, H, S)
-    return (rows.unsqueeze(1) @ x).round().clamp(0, 255)
+    """x (B, C, H, W) -> (B, C, S, S) by the weights rows (B, S, H) and cols (B, S, W), rounded and
+    clipped to 0..255 after each pass as Pillow's two-pass resize does. In float64 every product of
+    a pixel and a fixed-point weight, and every sum of them, is exact: the result is Pillow's, bit
+    for bit, whatever order the matrix product adds in."""
+    x = torch.floor(x.double() @ cols.unsqueeze(1).transpose(2, 3) + 0.5).clamp(0, 255)  # (B, C, H, S)
+    return torch.floor(rows.unsqueeze(1) @ x + 0.5).clamp(0, 255).to(torch.float32)
 
 
 def resized_crop(x, top, left, h, w, flip, out_size):
