@@ -94,8 +94,9 @@ def build(synthetic, dtype, compile, cuda_graph, attention, batch_size, checking
                                         mask_ratio=0.75, **common)
     else:  # config/ft_tin.py's augmentation, the heaviest we have
         step = steps.make_finetune_step(model, optimizer, num_classes=NUM_CLASSES, crop_scale=(0.08, 1.0),
-                                        rand_augment_ops=2, rand_augment_magnitude=9, reprob=0.25, mixup=0.8,
-                                        cutmix=1.0, label_smoothing=0.1, clip_grad=0.0, **common)
+                                        rand_augment_ops=2, rand_augment_magnitude=9,
+                                        rand_augment_interpolation="bicubic", reprob=0.25, mixup=0.8, cutmix=1.0,
+                                        mixup_mode="batch", label_smoothing=0.1, clip_grad=0.0, **common)
 
     def batch(i):
         idx = order[(i * batch_size) % (NUM_IMAGES - batch_size):][:batch_size]

@@ -56,6 +56,8 @@ clip_grad = 0.0  # 0: no clipping
 crop_scale = (0.08, 1.0)
 rand_augment_ops = 2
 rand_augment_magnitude = 9
+rand_augment_interpolation = "bicubic"  # resampling of its geometric ops: the reference's and the official MAE's
+mixup_mode = "batch"  # timm's Mixup: 'batch' (one draw for the whole batch, its default) or 'elem' (per image)
 reprob = 0.0  # random erasing probability
 mixup = 0.0  # Beta alpha; 0 turns it off
 cutmix = 0.0
@@ -143,7 +145,8 @@ def save_checkpoint(path, done):
 train_step = steps.make_finetune_step(
     model, optimizer, num_classes=num_classes, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
     crop_scale=crop_scale, rand_augment_ops=rand_augment_ops, rand_augment_magnitude=rand_augment_magnitude,
-    reprob=reprob, mixup=mixup, cutmix=cutmix, label_smoothing=label_smoothing, clip_grad=clip_grad,
+    rand_augment_interpolation=rand_augment_interpolation, reprob=reprob, mixup=mixup, cutmix=cutmix,
+    mixup_mode=mixup_mode, label_smoothing=label_smoothing, clip_grad=clip_grad,
     device=device, dtype=dtype, compile=compile, cuda_graph=graphs)
 evaluate = lambda: steps.evaluate(raw_model, val_images, val_labels, batch_size=eval_batch_size, device=device,
                                   dtype=dtype, resize_to=eval_resize)

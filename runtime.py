@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import augment
 from model import Attention, Encoder, ViTConfig
 
 # -----------------------------------------------------------------------------
@@ -53,6 +54,8 @@ SETTING_RULES = {
     "reprob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "mask_ratio": (lambda v: 0 < v < 1, "in (0, 1)"),
     "rand_augment_magnitude": (lambda v: 0 <= v <= 30, "in [0, 30] (31 bins, as torchvision)"),
+    "rand_augment_interpolation": (lambda v: v in augment.INTERPOLATIONS, f"one of {augment.INTERPOLATIONS}"),
+    "mixup_mode": (lambda v: v in augment.MIXUP_MODES, f"one of {augment.MIXUP_MODES}"),
     "crop_scale": (lambda v: len(v) == 2 and all(type(s) in (int, float) for s in v) and 0 < v[0] <= v[1] <= 1,
                    "two numbers (min, max) with 0 < min <= max <= 1"),
 }

@@ -60,14 +60,15 @@ def make_pretrain_step(model, optimizer, *, num_patches, batch_size, rank, world
 
 
 def make_finetune_step(model, optimizer, *, num_classes, batch_size, rank, world_size, seed, crop_scale,
-                       rand_augment_ops, rand_augment_magnitude, reprob, mixup, cutmix, label_smoothing,
-                       clip_grad, device, dtype, compile=False, cuda_graph=False):
+                       rand_augment_ops, rand_augment_magnitude, rand_augment_interpolation, reprob, mixup,
+                       cutmix, mixup_mode, label_smoothing, clip_grad, device, dtype, compile=False,
+                       cuda_graph=False):
     local = batch_size // world_size
     mine = slice(rank * local, (rank + 1) * local)
 
     def transform(images_u8, labels, crop, rand_aug, erasing, mix):
         x = data.resized_crop_flip(data.to_float(images_u8), crop)  # (B, 3, H, W), 0..255
-        x = augment.rand_augment(x, rand_aug, rand_augment_magnitude)
+        x = augment.rand_augment(x, rand_aug, rand_augment_magnitude, interpolation=rand_augment_interpolation)
         x = data.normalize(x)
         if reprob > 0:
             x = augment.random_erasing(x, erasing, reprob)
@@ -81,7 +82,7 @@ def make_finetune_step(model, optimizer, *, num_classes, batch_size, rank, world
         crop = data.crop_flip_draws(B, crop_scale, device=device)  # drawn in the order the steps use them
         rand_aug = augment.rand_augment_draws(B, rand_augment_ops, device)
         erasing = augment.erasing_draws((B, C, H, W), device) if reprob > 0 else None
-        mix = augment.mixup_draws(B, H, W, device, mixup, cutmix)
+        mix = augment.mixup_draws(B, H, W, device, mixup, cutmix, mode=mixup_mode)
         return transform(images_u8, labels, crop, rand_aug, erasing, mix)
 
     def train(x, targets):

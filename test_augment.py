@@ -14,6 +14,8 @@ from PIL import Image, ImageEnhance, ImageOps
 from augment import (OPS, SIGNED, erasing_draws, mixup_cutmix, mixup_draws, op_magnitudes, rand_augment,
                      rand_augment_draws, random_erasing)
 
+RESAMPLE = {'nearest': Image.NEAREST, 'bicubic': Image.BICUBIC}
+
 ZIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data', 'tiny-imagenet-200.zip')
 
 @functools.cache
@@ -52,19 +54,20 @@ def tv_inverse_affine(center, angle, translate, shear):
     m[5] += cy
     return m
 
-def tv_affine(img, **kw):
+def tv_affine(img, resample, **kw):
     w, h = img.size
     kw = {'center': [w * 0.5, h * 0.5], 'angle': 0.0, 'translate': [0, 0], 'shear': [0.0, 0.0], **kw}
-    return img.transform(img.size, Image.AFFINE, tv_inverse_affine(**kw), Image.NEAREST, fillcolor=(0, 0, 0))
+    return img.transform(img.size, Image.AFFINE, tv_inverse_affine(**kw), resample, fillcolor=(0, 0, 0))
 
-# torchvision's _apply_op for PIL images, magnitude m as a Python float
+# torchvision's _apply_op for PIL images, magnitude m as a Python float; the geometric ops
+# also take the resampling filter
 PIL_OPS = {
     'Identity': lambda img, m: img,
-    'ShearX': lambda img, m: tv_affine(img, shear=[math.degrees(math.atan(m)), 0.0], center=[0, 0]),
-    'ShearY': lambda img, m: tv_affine(img, shear=[0.0, math.degrees(math.atan(m))], center=[0, 0]),
-    'TranslateX': lambda img, m: tv_affine(img, translate=[int(m), 0]),
-    'TranslateY': lambda img, m: tv_affine(img, translate=[0, int(m)]),
-    'Rotate': lambda img, m: img.rotate(m, Image.NEAREST, expand=False, fillcolor=(0, 0, 0)),
+    'ShearX': lambda img, m, r=Image.NEAREST: tv_affine(img, r, shear=[math.degrees(math.atan(m)), 0.0], center=[0, 0]),
+    'ShearY': lambda img, m, r=Image.NEAREST: tv_affine(img, r, shear=[0.0, math.degrees(math.atan(m))], center=[0, 0]),
+    'TranslateX': lambda img, m, r=Image.NEAREST: tv_affine(img, r, translate=[int(m), 0]),
+    'TranslateY': lambda img, m, r=Image.NEAREST: tv_affine(img, r, translate=[0, int(m)]),
+    'Rotate': lambda img, m, r=Image.NEAREST: img.rotate(m, r, expand=False, fillcolor=(0, 0, 0)),
     'Brightness': lambda img, m: ImageEnhance.Brightness(img).enhance(1.0 + m),
     'Color': lambda img, m: ImageEnhance.Color(img).enhance(1.0 + m),
     'Contrast': lambda img, m: ImageEnhance.Contrast(img).enhance(1.0 + m),
@@ -75,7 +78,11 @@ PIL_OPS = {
     'Equalize': lambda img, m: ImageOps.equalize(img),
 }
 EXACT = {'Identity', 'Posterize', 'Solarize', 'Equalize', 'AutoContrast'}  # AutoContrast: float64 as in Python
-GEOMETRIC = {'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate'}
+GEOMETRIC = ('ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate')
+
+def apply_op(name, images, m, interpolation='nearest'):
+    # OPS[name], with the interpolation where the op takes one
+    return OPS[name](images, m, interpolation) if name in GEOMETRIC else OPS[name](images, m)
 
 def to_tensor(images):
     return torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in images]).float()
@@ -103,28 +110,28 @@ def op_magnitude_list(name, height, width):
     mags = [op_magnitudes(b, height, width)[name] for b in bins]
     if name in SIGNED:
         mags += [-v for v in mags[1:]]
-    extra = {'Rotate': [0.5, -45.0, 90.0], 'TranslateX': [-0.7, 3.9], 'TranslateY': [-0.7, 3.9],
-             'ShearX': [0.5, -0.17], 'ShearY': [0.5, -0.17], 'Posterize': [1.0, 2.0, 3.0],
+    # right angles (Pillow transposes), and shears where torchvision's tan(atan(m)) != m shows
+    extra = {'Rotate': [0.5, -45.0, 90.0, -90.0, 180.0, 270.0], 'TranslateX': [-0.7, 3.9], 'TranslateY': [-0.7, 3.9],
+             'ShearX': [0.5, -0.17, 1.0, -0.75], 'ShearY': [0.5, -0.17, -1.0, 0.75], 'Posterize': [1.0, 2.0, 3.0],
              'Solarize': [0.0, 127.5, 128.0, 200.3]}
     return [float(np.float32(v)) for v in mags + extra.get(name, [])]
 
-def compare_op(name, images):
+def compare_op(name, images, interpolation='nearest'):
     H, W = images[0].height, images[0].width
     pairs = [(im, m) for m in op_magnitude_list(name, H, W) for im in images]
-    ref = to_tensor([PIL_OPS[name](im, m) for im, m in pairs])
+    pil_op = PIL_OPS[name] if name not in GEOMETRIC else functools.partial(PIL_OPS[name], r=RESAMPLE[interpolation])
+    ref = to_tensor([pil_op(im, m) for im, m in pairs])
     # one batch, each image with its own magnitude
-    out = OPS[name](to_tensor([im for im, _ in pairs]), torch.tensor([m for _, m in pairs]))
+    out = apply_op(name, to_tensor([im for im, _ in pairs]), torch.tensor([m for _, m in pairs]), interpolation)
     assert out.shape == ref.shape and out.dtype == torch.float32
     diff = (out - ref).abs()
     max_diff, frac = diff.max().item(), (diff > 0).float().mean().item()
-    print(f'{name:13s} max |diff| {max_diff:5.1f}  differing values {frac:.5%}')
-    if name in EXACT:
-        assert max_diff == 0, name
-    elif name in GEOMETRIC:
-        # Pillow samples in 16.16 fixed point, reproduced bit for bit; our float64 matrix
-        # may differ from torchvision's/Pillow's by an ulp (tan(atan(m)), angle % 360,
-        # round(cos, 15)), which flips a coefficient only if it sits on a .5 tie
-        assert frac < 0.005, name
+    print(f'{name:13s} {interpolation:8s} max |diff| {max_diff:5.1f}  differing values {frac:.5%}')
+    if name in EXACT or name in GEOMETRIC:
+        # geometric: torchvision's and Pillow's float64 matrix and Pillow's sampling (16.16 fixed
+        # point, or bicubic in float64), in the same order of operations. Bicubic would see an
+        # FMA-contracting build of Pillow (arm64) only where a value truncates at an integer
+        assert max_diff == 0, (name, interpolation)
     else:
         # exact here; a compiler contracting Pillow's float32 blend into an FMA (e.g. on
         # arm64) may flip a rare truncation by 1, but a real bug changes many values
@@ -138,6 +145,19 @@ def test_op_matches_pillow_real_images(name):
 @pytest.mark.parametrize('name', OPS)
 def test_op_matches_pillow_generated_images(name):
     compare_op(name, generated_images())
+
+@pytest.mark.parametrize('name', GEOMETRIC)
+def test_geometric_op_matches_pillow_bicubic(name):
+    # Image.transform / Image.rotate with BICUBIC, on the real and the non-square generated images
+    compare_op(name, real_images(), 'bicubic')
+    compare_op(name, generated_images(), 'bicubic')
+
+def test_interpolation_setting_is_checked():
+    x = to_tensor(generated_images())
+    with pytest.raises(ValueError, match='rand_augment_interpolation'):
+        rand_augment(x, rand_augment_draws(len(x)), interpolation='bilinear')
+    with pytest.raises(ValueError, match='rand_augment_interpolation'):
+        OPS['Rotate'](x, torch.ones(len(x)), 'BICUBIC')
 
 def test_op_table_names():
     assert tuple(OPS) == ('Identity', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'Brightness',
@@ -158,9 +178,28 @@ def test_rand_augment_shape_range_and_identity():
     torch.manual_seed(1)
     assert torch.equal(rand_augment(x, rand_augment_draws(len(x))), a)  # the global RNG alone decides: resumable
 
+@pytest.mark.parametrize('interpolation', ['nearest', 'bicubic'])
+def test_rand_augment_applies_each_images_op(interpolation):
+    # two layers on a batch: each image equals its drawn ops applied to it alone, in order
+    torch.manual_seed(0)
+    x = to_tensor(generated_images() * 32)
+    B, names = len(x), list(OPS)
+    draws = rand_augment_draws(B, num_ops=2)
+    out = rand_augment(x, draws, magnitude=9, interpolation=interpolation)
+    mags = op_magnitudes(9, *x.shape[-2:])
+    for i in range(B):
+        img = x[i:i + 1]
+        for op_index, negative in draws:
+            name = names[op_index[i]]
+            m = torch.tensor([-mags[name] if name in SIGNED and negative[i] else mags[name]])  # float32, as in rand_augment
+            img = apply_op(name, img, m, interpolation)
+        assert torch.equal(out[i], img[0]), (i, [names[k[i]] for k, _ in draws])
+    assert len({names[k] for op_index, _ in draws for k in op_index.tolist()}) == len(OPS)  # every op ran
+
 def test_rand_augment_draws_each_op_per_image():
     # many copies of one image, one layer: identify the op (and sign) each copy got from
-    # its output; every op has a distinct output on this image
+    # its output; every op has a distinct output on this image (the draws do not depend on
+    # the interpolation: test_rand_augment_applies_each_images_op covers bicubic)
     img = to_tensor(generated_images()[:1])
     B = 1400
     mags = op_magnitudes(9, *img.shape[-2:])
@@ -218,8 +257,8 @@ def test_random_erasing():
 
 # ---------------------------------------------------------------------------------
 
-def mix(x, y, num_classes, label_smoothing=0.1, **alphas):
-    return mixup_cutmix(x, y, num_classes, mixup_draws(len(x), *x.shape[2:], **alphas), label_smoothing)
+def mix(x, y, num_classes, label_smoothing=0.1, **draw_args):
+    return mixup_cutmix(x, y, num_classes, mixup_draws(len(x), *x.shape[2:], **draw_args), label_smoothing)
 
 def constant_batch(B, H=16, W=24):
     # image i is the constant i, so every output pixel names its source image
@@ -235,7 +274,7 @@ def test_cutmix_weight_is_pasted_fraction():
     B = 64
     x, y = constant_batch(B), torch.arange(B) % 50
     assert (y != y.flip(0)).all()
-    out, t = mix(x, y, 50, mixup_alpha=0.0, cutmix_alpha=1.0)
+    out, t = mix(x, y, 50, mixup_alpha=0.0, cutmix_alpha=1.0, mode='elem')
     assert torch.allclose(t.sum(1), torch.ones(B))
     src = torch.arange(B).view(B, 1, 1, 1).float()
     from_self, from_partner = out == src, out == src.flip(0)
@@ -256,7 +295,7 @@ def test_cutmix_box_sizes_match_timm():
     ww = np.clip(cx + cut_w // 2, 0, W) - np.clip(cx - cut_w // 2, 0, W)
     expected = (hh * ww / (H * W)).mean()
     torch.manual_seed(0)
-    out, _ = mix(constant_batch(B, H, W), torch.zeros(B, dtype=torch.long), 10, mixup_alpha=0.0)
+    out, _ = mix(constant_batch(B, H, W), torch.zeros(B, dtype=torch.long), 10, mixup_alpha=0.0, mode='elem')
     src = torch.arange(B).view(B, 1, 1, 1).float()
     pasted = (out != src).flatten(1).float().mean(1)
     assert abs(pasted.mean().item() - expected) < 0.02, (pasted.mean().item(), expected)
@@ -267,7 +306,7 @@ def test_mixup_is_linear_blend():
     x = torch.rand(B, 3, 16, 24) * 255
     y = (torch.arange(B) * 7) % 50
     assert (y != y.flip(0)).all()
-    out, t = mix(x, y, 50, mixup_alpha=0.8, cutmix_alpha=0.0)
+    out, t = mix(x, y, 50, mixup_alpha=0.8, cutmix_alpha=0.0, mode='elem')
     assert torch.allclose(t.sum(1), torch.ones(B))
     lam = 1 - partner_weight(t, y).view(B, 1, 1, 1)
     assert torch.allclose(out, lam * x + (1 - lam) * x.flip(0), atol=1e-3)
@@ -277,12 +316,46 @@ def test_mixup_cutmix_switch():
     torch.manual_seed(0)
     B = 400
     x, y = constant_batch(B), torch.arange(B) % 50
-    out, t = mix(x, y, 50)
+    out, t = mix(x, y, 50, mode='elem')
     assert torch.allclose(t.sum(1), torch.ones(B))
     src = torch.arange(B).view(B, 1, 1, 1).float()
     # cutmix pixels come whole from one image or its partner; mixup pixels are blends
     pure = ((out == src) | (out == src.flip(0))).flatten(1).all(1)
     assert abs(pure.float().mean().item() - 0.5) < 0.1
+
+def test_mixup_batch_mode_one_draw_for_the_batch():
+    # timm's mode 'batch': one coin, lambda and box centre, the draw mode 'elem' makes for one image
+    B, H, W = 64, 16, 24
+    torch.manual_seed(3)
+    one = mixup_draws(1, H, W, mode='elem')
+    torch.manual_seed(3)
+    draws = mixup_draws(B, H, W, mode='batch')
+    for d, o in zip(draws, one):
+        assert d.shape == (B,) and torch.equal(d, o.expand(B))
+    x, y = constant_batch(B, H, W), torch.arange(B) % 50
+    src = torch.arange(B).view(B, 1, 1, 1).float()
+    kinds = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        draws = mixup_draws(B, H, W, mode='batch')
+        use_cutmix, lam = draws[:2]
+        out, t = mixup_cutmix(x, y, 50, draws)
+        assert torch.allclose(t.sum(1), torch.ones(B))
+        w = partner_weight(t, y)
+        assert torch.allclose(w, w[0].expand(B), atol=1e-6)  # one lambda for the batch
+        if use_cutmix[0]:
+            # one box: every image takes the same pixels from its partner, weighted by their area
+            from_partner = (out == src.flip(0)) & (out != src)
+            assert (from_partner | (out == src)).all() and (from_partner == from_partner[:1]).all()
+            assert torch.allclose(w, from_partner.flatten(1).float().mean(1), atol=1e-6)
+        else:
+            lam4 = lam.view(B, 1, 1, 1)
+            assert torch.allclose(out, lam4 * x + (1 - lam4) * x.flip(0), atol=1e-4)
+            assert torch.allclose(w, 1 - lam, atol=1e-6)
+        kinds.add(bool(use_cutmix[0]))
+    assert kinds == {True, False}
+    with pytest.raises(ValueError, match='mixup_mode'):
+        mixup_draws(B, H, W, mode='pair')
 
 def test_label_smoothing_only():
     x, y = torch.rand(5, 3, 8, 8), torch.tensor([0, 3, 9, 3, 1])

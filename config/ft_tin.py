@@ -1,9 +1,10 @@
 # Our fine-tuning recipe: the official MAE fine-tuning tools on the reference's budget.
 # Where each value comes from:
-#   epochs, batch, blr, warm-up, betas, crop, RandAugment(2, 9): the reference recipe (config/ft_ref.py)
+#   epochs, batch, blr, warm-up, betas, crop, RandAugment(2, 9) with bicubic resampling: the reference
+#   recipe (config/ft_ref.py)
 #   global average pooling + LayerNorm head, layer-wise lr decay 0.75, drop path 0.1, mixup 0.8,
-#   cutmix 1.0, label smoothing 0.1, random erasing 0.25, weight decay 0.05: the official MAE
-#   fine-tuning recipe (../shared/reference.md; main_finetune.py)
+#   cutmix 1.0 (one draw per batch, timm's mode 'batch'), label smoothing 0.1, random erasing 0.25,
+#   weight decay 0.05: the official MAE fine-tuning recipe (../shared/reference.md; main_finetune.py)
 # Not yet tuned for the 7-block model: no GPU sweep has been run (see README.md, Results).
 out_dir = "out/ft_tin"
 recipe = "tin"
