@@ -72,8 +72,6 @@ seed = 0
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
 runtime.check_settings(config)
-if pool not in ("cls", "avg"):
-    raise SystemExit(f"error: pool must be 'cls' or 'avg', not {pool!r}")
 
 device, rank, world_size = runtime.setup_device(device, dtype, seed)
 graphs = runtime.use_cuda_graphs(cuda_graph, device, world_size)

@@ -161,8 +161,6 @@ def probe(path, train_images, train_labels, val_images, val_labels, num_classes)
 
 if __name__ == "__main__":
     runtime.check_settings(configure(globals(), sys.argv[1:]))
-    if features not in ("cls", "avg", "both"):
-        raise SystemExit(f"error: features must be 'cls', 'avg' or 'both', not {features!r}")
     paths = checkpoint_paths(init)
     if not paths:
         raise SystemExit("error: no checkpoint given: --init=PATH (a path, a,b,c list or a glob)")

@@ -56,6 +56,8 @@ SETTING_RULES = {
     "rand_augment_magnitude": (lambda v: 0 <= v <= 30, "in [0, 30] (31 bins, as torchvision)"),
     "rand_augment_interpolation": (lambda v: v in augment.INTERPOLATIONS, f"one of {augment.INTERPOLATIONS}"),
     "mixup_mode": (lambda v: v in augment.MIXUP_MODES, f"one of {augment.MIXUP_MODES}"),
+    "pool": (lambda v: v in ("cls", "avg"), "'cls' or 'avg'"),
+    "features": (lambda v: v in ("cls", "avg", "both"), "'cls', 'avg' or 'both'"),
     "crop_scale": (lambda v: len(v) == 2 and all(type(s) in (int, float) for s in v) and 0 < v[0] <= v[1] <= 1,
                    "two numbers (min, max) with 0 < min <= max <= 1"),
 }

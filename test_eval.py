@@ -176,6 +176,16 @@ def test_bad_init_is_one_clear_line(pretrained, tmp_path, case):
             (script, result.stderr)
 
 
+@pytest.mark.parametrize("setting, value", [("pool", "max"), ("features", "last"), ("mixup_mode", "pair"),
+                                            ("rand_augment_interpolation", "bilinear"), ("rand_augment_magnitude", 31),
+                                            ("reprob", 1.5), ("layer_decay", 0.0)])
+def test_bad_evaluation_setting_is_one_clear_line(setting, value):
+    with pytest.raises(SystemExit, match=f"^error: {setting}={value!r}: it must be "):
+        runtime.check_settings({setting: value})
+    runtime.check_settings({setting: {"pool": "avg", "features": "both", "mixup_mode": "elem",
+                                      "rand_augment_interpolation": "nearest"}.get(setting, 0.5)})  # a good one passes
+
+
 def test_eval_resize_smaller_than_the_images_is_one_clear_line(pretrained, tmp_path):
     data_dir, pre = pretrained
     result = run(["finetune.py", f"--init={pre}/ckpt_2.pt", f"--data_dir={data_dir}", f"--out_dir={tmp_path}/o",
