@@ -201,6 +201,6 @@ for it in range(iter_num, end_iter):
 if master and stop.signum:
     print(f"{stop.name()}: stopped at iteration {last_log} of {end_iter}; continue with --init_from=resume")
 elif master:
-    print(f"done: {end_iter} iterations, checkpoints in {out_dir}")
+    print(f"done: at iteration {last_log} of {total_iters}, checkpoints in {out_dir}")  # a resume past max_iters trains none
 runtime.cleanup()
 sys.exit(stop.exit_code())

@@ -175,8 +175,9 @@ def test_resume_with_other_settings_is_one_clear_line(data_dir, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert "weight_decay=0.5 (the checkpoint's: 0.15)" in lines[0] and "batch_size=4 (the checkpoint's: 8)" in lines[0]
-    run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--epochs=1", "--init_from=resume",
-         "--log_interval=3"])
+    result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--epochs=1",
+                  "--init_from=resume", "--log_interval=3"])
+    assert "done: at iteration 4 of 4" in result.stdout  # the run had ended: nothing left to train
 
 
 def test_schedule_is_the_official_per_iteration_warmup_cosine():
