@@ -24,6 +24,7 @@ from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
 import runtime
 import steps
 from configurator import configure
@@ -129,6 +130,16 @@ def flops_per_image(synthetic):
     return counter.get_total_flops() / images
 
 
+# what the guard lets through. The loss: bf16 rounding, measured at most 4.3e-4 (pre-training) and 1.9e-3
+# (fine-tuning, whose guard model has large logits) on CPUs and GPUs, with a margin; a wrong path moves
+# it more (pre-training with a mask ratio of 0.5 instead of 0.75: 3e-3). The augmentation: at most a
+# per-mille of the values off, each by at most one 8-bit level (compiled code may fuse a multiply-add
+# of the bicubic resampling and round a rare pixel the other way); the mask noise and soft targets exact
+# up to float rounding.
+LOSS_TOLERANCE = {"pretrain": 2e-3, "finetune": 5e-3}
+ONE_LEVEL = 1 / (255 * min(data.STD))  # one 8-bit level of a normalised image
+
+
 def check_paths(synthetic, card):
     """The correctness guard, on the same batches: the optimised path's augmentation equals the plain
     one's, and its loss is the plain fp32 eager loss up to bf16 rounding. Four steps, so that with
@@ -138,10 +149,10 @@ def check_paths(synthetic, card):
     names = ("images", "mask noise") if stage == "pretrain" else ("images", "soft targets")
     for i in range(4):
         for name, a, b in zip(names, plain.augment(i), fast.augment(i)):
-            differ = ((a - b).abs() > 1e-4).float().mean().item()
+            differ, worst = ((a - b).abs() > 1e-4).float().mean().item(), (a - b).abs().max().item()
             print(f"check {stage} step {i} augmentation, {name}: {differ:.2e} of the values differ, "
-                  f"largest difference {(a - b).abs().max().item():.2e}")
-            if differ > 1e-3:  # other random draws, or a resampling pass that rounded otherwise
+                  f"largest difference {worst:.2e}")
+            if differ > 1e-3 or worst > (ONE_LEVEL if name == "images" else 1e-4):
                 raise SystemExit(f"error: the optimised augmentation's {name} differ from the plain path's")
     for i in range(4):
         plain_loss, fast_loss = plain(i).item(), fast(i).item()
@@ -149,7 +160,7 @@ def check_paths(synthetic, card):
         print(f"check {stage} step {i}: plain fp32 eager loss {plain_loss:.5f}, {dtype} compile={compile} "
               f"cuda_graph={cuda_graph} attention={attention} loss {fast_loss:.5f}, "
               f"relative difference {rel:.2e} ({card})")
-        if rel > 2e-2:  # bf16 keeps 8 bits of mantissa: a per-mille error, never percents
+        if rel > LOSS_TOLERANCE[stage]:
             raise SystemExit(f"error: the optimised path's loss is {rel:.1%} away from the plain path's")
 
 
@@ -209,6 +220,7 @@ def print_families(averages, num_steps):
 def seconds_per_call(fn, first):
     """`repeats` timings of fn(i) over `steps_per_repeat` consecutive i from `first`, in seconds per call."""
     times, i = [], first
+    sync()  # nothing queued before may land in the first timing
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(steps_per_repeat):
