@@ -3,8 +3,9 @@ One training step of each stage, and the evaluation pass: shared by pretrain.py,
 bench.py, so the benchmark times exactly the code that training runs.
 
 A step takes the global batch as uint8 (B, H, W, 3) on the device. Every process draws the random
-augmentation of the whole global batch from the RNG seeded by (seed, iteration), then keeps its own
-slice: N processes train on exactly what one would, and a resumed run repeats an uninterrupted one.
+augmentation of the whole global batch from the RNG seeded by (seed, iteration), then augments only
+the images its slice needs: N processes train on exactly what one would, and a resumed run repeats an
+uninterrupted one.
 The draws come first, eagerly (a few kernels); the pixel work that follows draws nothing, so with
 compile it is compiled too, fusing its hundreds of small ops, and still sees eager mode's numbers.
 With cuda_graph (one process on a GPU) the augmentation and the training update are each recorded
@@ -23,6 +24,13 @@ def compiled(fn, compile):
     return torch.compile(fn, fullgraph=True, dynamic=False) if compile else fn
 
 
+def rows_of(batch, rows):
+    """The given rows of every tensor in batch, a nest of tuples and lists of per-image tensors."""
+    if isinstance(batch, torch.Tensor):
+        return batch[rows]
+    return None if batch is None else type(batch)(rows_of(part, rows) for part in batch)
+
+
 def make_pretrain_step(model, optimizer, *, num_patches, batch_size, rank, world_size, seed,
                        crop_scale, mask_ratio, device, dtype, compile=False, cuda_graph=False):
     local = batch_size // world_size
@@ -37,7 +45,7 @@ def make_pretrain_step(model, optimizer, *, num_patches, batch_size, rank, world
         draws = data.crop_flip_draws(batch_size, crop_scale, device=device)
         noise = torch.rand(batch_size, num_patches, device=device)  # fixes the masks
         # each image's crop needs only its own draws: a process crops just its slice of the batch
-        return crop(images_u8[mine], tuple(d[mine] for d in draws)), noise[mine]  # (B/N, 3, H, W), (B/N, L)
+        return crop(*rows_of((images_u8, draws), mine)), noise[mine]  # (B/N, 3, H, W), (B/N, L)
 
     def train(imgs, noise):
         with runtime.autocast(device, dtype):
@@ -63,17 +71,24 @@ def make_finetune_step(model, optimizer, *, num_classes, batch_size, rank, world
                        rand_augment_ops, rand_augment_magnitude, rand_augment_interpolation, reprob, mixup,
                        cutmix, mixup_mode, label_smoothing, clip_grad, device, dtype, compile=False,
                        cuda_graph=False):
+    # Mixup pairs image i with image B-1-i by flipping the batch. A process augments its slice and
+    # then the mirror slice, which holds its partners: flipping those 2B/N rows pairs them as flipping
+    # the whole batch does, so it need not augment all B (one process: the two slices are the same).
     local = batch_size // world_size
-    mine = slice(rank * local, (rank + 1) * local)
+    mine = list(range(rank * local, (rank + 1) * local))
+    mirror = [batch_size - 1 - i for i in reversed(mine)]
+    rows = slice(mine[0], mine[-1] + 1) if mirror == mine else torch.tensor(mine + mirror, device=device)
 
-    def transform(images_u8, labels, crop, rand_aug, erasing, mix):
-        x = data.resized_crop_flip(data.to_float(images_u8), crop)  # (B, 3, H, W), 0..255
+    def transform(images_u8, labels, draws):
+        # every process drew for the whole batch (the same numbers) and takes its rows' share
+        images_u8, labels, (crop, rand_aug, erasing, mix) = rows_of((images_u8, labels, draws), rows)
+        x = data.resized_crop_flip(data.to_float(images_u8), crop)  # (R, 3, H, W), 0..255
         x = augment.rand_augment(x, rand_aug, rand_augment_magnitude, interpolation=rand_augment_interpolation)
         x = data.normalize(x)
         if reprob > 0:
             x = augment.random_erasing(x, erasing, reprob)
         x, targets = augment.mixup_cutmix(x, labels, num_classes, mix, label_smoothing)
-        return x[mine], targets[mine]  # (B/N, 3, H, W), (B/N, num_classes)
+        return x[:local], targets[:local]  # (B/N, 3, H, W), (B/N, num_classes)
     transform = compiled(transform, compile)
 
     @torch.no_grad()
@@ -83,7 +98,7 @@ def make_finetune_step(model, optimizer, *, num_classes, batch_size, rank, world
         rand_aug = augment.rand_augment_draws(B, rand_augment_ops, device)
         erasing = augment.erasing_draws((B, C, H, W), device) if reprob > 0 else None
         mix = augment.mixup_draws(B, H, W, device, mixup, cutmix, mode=mixup_mode)
-        return transform(images_u8, labels, crop, rand_aug, erasing, mix)
+        return transform(images_u8, labels, (crop, rand_aug, erasing, mix))
 
     def train(x, targets):
         with runtime.autocast(device, dtype):

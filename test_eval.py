@@ -16,6 +16,7 @@ from PIL import Image
 import data
 import probe
 import runtime
+import steps
 from model import MAE, Classifier, ViTConfig
 from test_pretrain import TINY, kill_at, load, make_data, run
 
@@ -105,6 +106,36 @@ def test_finetune_receives_encoder_unchanged(pretrained, tmp_path):
     assert encoder_keys and all(torch.equal(pre_state[k], ft_state[k]) for k in encoder_keys)
     row = json.loads(open(f"{out}/results.jsonl").read().splitlines()[-1])
     assert row["method"] == "finetune" and row["pretrain_epoch"] == 2.0 and 0 <= row["top1"] <= 100
+
+
+@pytest.mark.parametrize("mixup_mode", ["elem", "batch"])
+def test_finetune_processes_augment_their_share_as_one_process(mixup_mode):
+    # Each of N processes augments only its slice and the mirror slice (mixup's partners) and keeps
+    # its slice: laid end to end, the N slices must be exactly what one process makes of the batch.
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (12, 64, 64, 3), dtype=torch.uint8)
+    labels = torch.arange(12) % 5
+    model = Classifier(SMALL, 5, pool="avg")
+    optimizer = torch.optim.AdamW(model.parameters())
+
+    def augmented(rank, world_size, compile=False):
+        step = steps.make_finetune_step(
+            model, optimizer, num_classes=5, batch_size=12, rank=rank, world_size=world_size, seed=0,
+            crop_scale=(0.08, 1.0), rand_augment_ops=2, rand_augment_magnitude=9,
+            rand_augment_interpolation="bicubic", reprob=0.5, mixup=0.8, cutmix=1.0, mixup_mode=mixup_mode,
+            label_smoothing=0.1, clip_grad=0.0, device="cpu", dtype="float32", compile=compile)
+        runtime.seed_step(0, 3)
+        return step.augment(images, labels)
+
+    x, targets = augmented(0, 1)
+    assert (targets.max(1).values < 0.9).any()  # some images mixed: their partners matter
+    for world_size in (2, 3, 4, 6):
+        parts = [augmented(rank, world_size) for rank in range(world_size)]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x), world_size
+        assert torch.equal(torch.cat([p[1] for p in parts]), targets), world_size
+    if mixup_mode == "elem":  # compiled, the rows are gathered inside the compiled graph: still exact
+        x_compiled, targets_compiled = augmented(0, 4, compile=True)
+        assert torch.equal(x_compiled, x[:3]) and torch.equal(targets_compiled, targets[:3])
 
 
 def test_finetune_torchrun_two_processes_train_as_one(pretrained, tmp_path):
