@@ -24,7 +24,7 @@ import torch
 import data
 import runtime
 import steps
-from configurator import configure
+from configurator import check_same_run, configure
 from model import Classifier, ViTConfig
 
 # -----------------------------------------------------------------------------
@@ -71,7 +71,6 @@ attention = "auto"  # attention kernel: 'auto', 'flash', 'efficient', 'cudnn', '
 seed = 0
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
-runtime.check_settings(config)
 
 device, rank, world_size = runtime.setup_device(device, dtype, seed)
 graphs = runtime.use_cuda_graphs(cuda_graph, device, world_size)
@@ -110,7 +109,7 @@ iter_num, best_top1, train_time, epoch_loss_sum = 0, 0.0, 0.0, 0.0
 last_saved = None  # the iteration ckpt_last.pt holds
 if resume:
     ckpt = runtime.load_checkpoint(last_path, ("model", "optimizer", "model_args", "iter_num"))
-    runtime.check_same_run(ckpt, config, last_path)
+    check_same_run(ckpt, config, last_path)
     model.load_state_dict(ckpt["model"])
     runtime.load_optimizer(optimizer, ckpt["optimizer"])
     iter_num, best_top1, train_time = ckpt["iter_num"], ckpt["best_top1"], ckpt["train_time"]

@@ -28,7 +28,7 @@ import data
 import plot
 import runtime
 import steps
-from configurator import configure
+from configurator import check_same_run, configure
 from model import MAE, ViTConfig
 
 # -----------------------------------------------------------------------------
@@ -69,7 +69,6 @@ attention = "auto"  # attention kernel: 'auto', 'flash', 'efficient', 'cudnn', '
 seed = 0
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
-runtime.check_settings(config)
 
 device, rank, world_size = runtime.setup_device(device, dtype, seed)
 graphs = runtime.use_cuda_graphs(cuda_graph, device, world_size)
@@ -97,7 +96,7 @@ lr = blr * batch_size / 256
 ckpt = None
 if init_from == "resume":
     ckpt = runtime.load_checkpoint(last_path, ("model", "optimizer", "model_args", "iter_num"))
-    runtime.check_same_run(ckpt, config, last_path)
+    check_same_run(ckpt, config, last_path)
     cfg = runtime.model_config(ckpt, last_path)
 else:
     cfg = ViTConfig(img_size=train_images.shape[1], patch_size=patch_size, embed_dim=embed_dim, depth=depth,

@@ -160,7 +160,7 @@ def probe(path, train_images, train_labels, val_images, val_labels, num_classes)
 
 
 if __name__ == "__main__":
-    runtime.check_settings(configure(globals(), sys.argv[1:]))
+    configure(globals(), sys.argv[1:])
     paths = checkpoint_paths(init)
     if not paths:
         raise SystemExit("error: no checkpoint given: --init=PATH (a path, a,b,c list or a glob)")

@@ -16,7 +16,6 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import augment
 from model import Attention, Encoder, ViTConfig
 
 # -----------------------------------------------------------------------------
@@ -39,37 +38,6 @@ def setup_device(device, dtype, seed):
             torch.cuda.set_device(device)
     torch.manual_seed(seed)  # the same initial weights on every rank
     return device, rank, world_size
-
-
-# the allowed values of the settings the scripts share, each checked where a script has it: a bad value
-# is one line naming it, not a traceback (or a silently wrong run) later
-positive, non_negative, fraction = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: 0 <= v < 1, "in [0, 1)")
-SETTING_RULES = {
-    **{key: positive for key in ("batch_size", "epochs", "log_interval", "save_every", "eval_every", "eval_batch_size",
-                                 "knn_k", "knn_temperature", "layer_decay", "patch_size", "embed_dim", "depth",
-                                 "num_heads", "mlp_ratio", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")},
-    **{key: non_negative for key in ("warmup_epochs", "blr", "weight_decay", "max_iters", "clip_grad", "mixup",
-                                     "cutmix", "rand_augment_ops", "eval_resize", "save_last_every_s")},
-    **{key: fraction for key in ("beta1", "beta2", "drop_path", "label_smoothing")},
-    "reprob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "mask_ratio": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "rand_augment_magnitude": (lambda v: 0 <= v <= 30, "in [0, 30] (31 bins, as torchvision)"),
-    "rand_augment_interpolation": (lambda v: v in augment.INTERPOLATIONS, f"one of {augment.INTERPOLATIONS}"),
-    "mixup_mode": (lambda v: v in augment.MIXUP_MODES, f"one of {augment.MIXUP_MODES}"),
-    "pool": (lambda v: v in ("cls", "avg"), "'cls' or 'avg'"),
-    "features": (lambda v: v in ("cls", "avg", "both"), "'cls', 'avg' or 'both'"),
-    "crop_scale": (lambda v: len(v) == 2 and all(type(s) in (int, float) for s in v) and 0 < v[0] <= v[1] <= 1,
-                   "two numbers (min, max) with 0 < min <= max <= 1"),
-}
-
-
-def check_settings(config):
-    for key, (ok, allowed) in SETTING_RULES.items():
-        if key in config and not ok(config[key]):
-            raise SystemExit(f"error: {key}={config[key]!r}: it must be {allowed}")
-    for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
-        if width in config and config[width] % (4 * config[heads]):  # whole heads, and sin-cos in fours
-            raise SystemExit(f"error: {width}={config[width]} must be a multiple of 4 x {heads} ({4 * config[heads]})")
 
 
 def wrap_model(model, compile, device, world_size):
@@ -270,22 +238,6 @@ def truncate_log(log_path, epochs_done):
         with open(log_path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(log_path + ".tmp", log_path)
-
-
-# what a resumed run may change: where files go, how often it logs and saves, and how the steps run
-RESUME_FREE = {"data_dir", "out_dir", "init_from", "resume", "log_interval", "save_every", "save_last_every_s",
-               "max_iters", "eval_every", "eval_batch_size", "device", "dtype", "compile", "cuda_graph", "attention"}
-
-
-def check_same_run(ckpt, config, path):
-    """A resumed run must go on as the run that wrote the checkpoint: every other setting must be the
-    checkpoint's, or the schedule, the optimizer or the results would silently mix two runs."""
-    saved = ckpt.get("config", {})
-    changed = [f"{key}={config[key]!r} (the checkpoint's: {saved[key]!r})" for key in config
-               if key not in RESUME_FREE and key in saved and saved[key] != config[key]]
-    if changed:
-        raise SystemExit(f"error: {path} was made with other settings: {', '.join(changed)}; resume with the "
-                         f"settings (config file and flags) of the run that made it, or start a new out_dir")
 
 
 def load_optimizer(optimizer, state):

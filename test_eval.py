@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import configurator
 import data
 import probe
 import runtime
@@ -212,8 +213,8 @@ def test_bad_init_is_one_clear_line(pretrained, tmp_path, case):
                                             ("reprob", 1.5), ("layer_decay", 0.0)])
 def test_bad_evaluation_setting_is_one_clear_line(setting, value):
     with pytest.raises(SystemExit, match=f"^error: {setting}={value!r}: it must be "):
-        runtime.check_settings({setting: value})
-    runtime.check_settings({setting: {"pool": "avg", "features": "both", "mixup_mode": "elem",
+        configurator.check_settings({setting: value})
+    configurator.check_settings({setting: {"pool": "avg", "features": "both", "mixup_mode": "elem",
                                       "rand_augment_interpolation": "nearest"}.get(setting, 0.5)})  # a good one passes
 
 
