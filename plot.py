@@ -5,8 +5,8 @@ Figures of the report, from what the stage scripts write:
 
 finds every pre-training log (log.jsonl) and evaluation results file (results.jsonl) under out_dir
 and writes out_dir/fig2_loss.png (pre-training loss per epoch), out_dir/fig3_accuracy.png (top-1
-against pre-training epoch, one line per method and recipe) and prints the results as a Markdown
-table. pretrain.py also calls plot_loss and save_reconstructions at each checkpoint.
+against pre-training epoch, one line per pre-training run, method and recipe) and prints the results
+as a Markdown table. pretrain.py also calls plot_loss and save_reconstructions at each checkpoint.
 """
 import glob
 import json
@@ -22,16 +22,31 @@ import torch
 from data import MEAN, STD
 
 
-def read_jsonl(path):
+def read_jsonl(path, needed=()):
+    """The rows of a JSON-lines file, each with the keys in needed; anything else is one line naming it."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            try:
+                rows += [json.loads(line)] if line.strip() else []
+            except ValueError:
+                raise SystemExit(f"error: {path}, line {number}, is not JSON: {line.strip()[:80]!r}")
+            if line.strip() and not all(key in rows[-1] for key in needed):
+                raise SystemExit(f"error: {path}, line {number}, lacks one of {', '.join(needed)}")
+    return rows
 
 
 def write_png(fig, path):
     tmp = f"{path}.tmp{os.getpid()}.png"  # matplotlib picks the format from the extension
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {path}: {e.strerror}")
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def plot_loss(log_paths, png_path):
@@ -39,10 +54,10 @@ def plot_loss(log_paths, png_path):
     log_paths = [log_paths] if isinstance(log_paths, str) else log_paths
     fig, ax = plt.subplots(figsize=(6, 4))
     for path in log_paths:
-        rows = read_jsonl(path)
+        rows = read_jsonl(path, ("epoch", "loss"))
         ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows],
                 marker="o" if len(rows) <= 20 else None, markersize=3,  # a log of one epoch is one point
-                label=os.path.basename(os.path.dirname(os.path.abspath(path))))
+                label=os.path.dirname(path))
     ax.set(xlabel="epoch", ylabel="training loss (masked patches)", title="MAE pre-training loss")
     ax.grid(alpha=0.3)
     if len(log_paths) > 1:
@@ -68,18 +83,29 @@ def save_reconstructions(rows, png_path, title):
     write_png(fig, png_path)
 
 
+def accuracy_lines(results):
+    """Figure 3's lines: {(pre-training run, method, recipe): [(pre-training epoch, top-1), ...]}. A
+    run is the checkpoints' folder; a checkpoint evaluated again the same way shows its latest result."""
+    lines = {}
+    for r in results:
+        if r["pretrain_epoch"] is not None:  # not from scratch
+            line = (os.path.dirname(r["checkpoint"]), r["method"], r["recipe"])
+            lines.setdefault(line, {})[r["pretrain_epoch"]] = r["top1"]
+    return {line: sorted(points.items()) for line, points in sorted(lines.items())}
+
+
 def plot_accuracy(results, png_path):
-    """Figure 3: top-1 against pre-training epoch, one line per (method, recipe)."""
+    """Figure 3: top-1 against pre-training epoch, one line per pre-training run, method and recipe."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, recipe in sorted({(r["method"], r["recipe"]) for r in results}):
-        points = sorted((r["pretrain_epoch"], r["top1"]) for r in results
-                        if (r["method"], r["recipe"]) == (method, recipe) and r["pretrain_epoch"] is not None)
-        if points:
-            ax.plot(*zip(*points), marker="o", label=f"{method} ({recipe})")
+    for (run, method, recipe), points in accuracy_lines(results).items():
+        ax.plot(*zip(*points), marker="o", label=f"{run}: {method} ({recipe})")
     ax.set(xlabel="pre-training epoch", ylabel="validation top-1 (%)", title="Tiny ImageNet, ViT-Lite MAE")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     write_png(fig, png_path)
+
+
+RESULT_KEYS = ("checkpoint", "pretrain_epoch", "method", "recipe", "top1", "wall_s", "hardware")
 
 
 def markdown_table(results):
@@ -108,7 +134,7 @@ def main(argv):
     if logs:
         plot_loss(logs, os.path.join(out_dir, "fig2_loss.png"))
         print(f"wrote {os.path.join(out_dir, 'fig2_loss.png')} from {len(logs)} log(s)")
-    results = [r for path in result_files for r in read_jsonl(path)]
+    results = [r for path in result_files for r in read_jsonl(path, RESULT_KEYS)]
     if results:
         plot_accuracy(results, os.path.join(out_dir, "fig3_accuracy.png"))
         print(f"wrote {os.path.join(out_dir, 'fig3_accuracy.png')} from {len(results)} result(s)\n")
