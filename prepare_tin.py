@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import pathlib
 import shutil
+import signal
 import sys
 import time
 import urllib.request
@@ -70,14 +71,15 @@ def download(url, path, md5):
     try:
         h, done, t0 = hashlib.md5(), 0, time.time()
         with urllib.request.urlopen(url) as r, open(part, 'wb') as f:
-            total = int(r.headers.get('Content-Length', 0)) or 1
+            total = int(r.headers.get('Content-Length', 0))  # 0: the server did not say
             while chunk := r.read(1 << 20):
                 f.write(chunk)
                 h.update(chunk)
                 done += len(chunk)
-                mb = done / 1e6
-                print(f'\rdownload: {done / total:.0%} ({mb:.0f}/{total / 1e6:.0f} MB, '
-                      f'{mb / (time.time() - t0 + 1e-9):.1f} MB/s)', end='', flush=True)
+                rate = done / (time.time() - t0 + 1e-9)
+                so_far = f'{done / total:.0%} of {total / 1e6:.0f} MB, ETA {(total - done) / rate:.0f} s' \
+                    if total else f'{done / 1e6:.0f} MB'
+                print(f'\rdownload: {so_far}, {rate / 1e6:.1f} MB/s  ', end='', flush=True)
         print()
         if h.hexdigest() != md5:
             raise PrepError(f'{url}: downloaded MD5 {h.hexdigest()} is not the expected {md5}')
@@ -102,6 +104,7 @@ _read = None
 
 def init_worker(path, is_zip):
     global _read
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool's own way to stop its workers
     _read = reader(path, is_zip)
 
 def decode(names):
@@ -132,7 +135,7 @@ def pack(pool, split, items, folder):
         if time.time() - last > 3 or done == len(names):
             last, dt = time.time(), time.time() - t0
             print(f'{split}: {done:,}/{len(names):,} images ({done / len(names):.0%}), '
-                  f'{dt:.1f} s, ETA {dt / done * (len(names) - done):.1f} s')
+                  f'{dt:.1f} s, ETA {dt / done * (len(names) - done):.1f} s', flush=True)  # seen through a pipe too
     images.flush()
     del images
     np.save(os.path.join(folder, f'{split}_labels.npy'), np.array(labels, np.int16))
@@ -175,8 +178,13 @@ def index(path, is_zip, k):
         raise PrepError(f'{path}: no train images in {root}train/{empty[0]}/images/')
     train = [(n, label[w]) for w in classes for n in sorted(by_class[w])]
     ann = [l.split('\t') for l in lines('val/val_annotations.txt')]  # file, wnid, box
-    val = [(f'{root}val/images/{f}', y) for f, y in
-           sorted((a[0], label[a[1]]) for a in ann if len(a) > 1 and a[1] in label)]
+    bad = [i for i, a in enumerate(ann) if len(a) < 2]
+    if bad:
+        raise PrepError(f'{path}: {root}val/val_annotations.txt: line {bad[0] + 1} (of the non-empty ones) is not '
+                        f'"file<TAB>wnid<TAB>box"')
+    val = [(f'{root}val/images/{f}', y) for f, y in sorted((a[0], label[a[1]]) for a in ann if a[1] in label)]
+    if not val:
+        raise PrepError(f'{path}: {root}val/val_annotations.txt names no image of the packed classes')
     return classes, [words[w].strip() for w in classes], train, val
 
 def prepare(args):
@@ -189,9 +197,11 @@ def prepare(args):
         path, is_zip = args.zip or 'data/tiny-imagenet-200.zip', True
         if not args.zip:
             download(URL, path, MD5)
+    out = os.path.normpath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PrepError(f'--out={out} is a file, not a folder')
     classes, names, train, val = index(path, is_zip, args.classes)
 
-    out = os.path.normpath(args.out)
     tmp = f'{out}.tmp-{os.getpid()}'  # built aside, renamed in only when complete
     try:
         os.makedirs(tmp)
@@ -226,6 +236,8 @@ def main(argv=None):
     p.add_argument('--out', default='data/tin', help='output folder (default: data/tin)')
     p.add_argument('--workers', type=int, default=os.cpu_count(), help='decoding processes')
     args = p.parse_args(argv)
+    # SIGTERM (timeout, a scheduler) stops as Ctrl-C does: through the clean-up of half-built output
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         prepare(args)
     except (PrepError, OSError) as e:

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import zipfile
@@ -194,17 +195,26 @@ def make_error_case(case, tmp_path, members):
         name, content = data[case]
         write_zip(z, {**members, name: content})
         return [f'--zip={z}', '--workers=2'], name  # raised in a worker, reported by the parent
+    if case == 'val annotations not tab-separated':
+        name = R + 'val/val_annotations.txt'
+        write_zip(z, {**members, name: members[name].replace('\t', ' ')})
+        return [f'--zip={z}'], 'val_annotations.txt: line 1'
     write_zip(z, members)
+    if case == 'out is a file':
+        return [f'--zip={z}'], '--out='
     return [f'--zip={z}', f'--classes={case.split("=")[1]}'], '--classes'
 
 ERRORS = ['missing zip', 'missing folder', 'truncated zip', 'not a zip', 'foreign zip',
           'missing wnids.txt', 'missing words.txt', 'missing val_annotations.txt',
-          'corrupt jpeg', 'truncated jpeg', 'small image', 'classes=0', 'classes=4']
+          'val annotations not tab-separated', 'corrupt jpeg', 'truncated jpeg', 'small image', 'classes=0',
+          'classes=4', 'out is a file']
 
 @pytest.mark.parametrize('case', ERRORS)
 def test_errors(case, tmp_path, members):
     argv, needle = make_error_case(case, tmp_path, members)
     out = tmp_path / 'out'
+    if case == 'out is a file':
+        out.write_text('not a folder')
     r = subprocess.run([sys.executable, str(SCRIPT), *argv, f'--out={out}'],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1, r.stderr
@@ -213,6 +223,17 @@ def test_errors(case, tmp_path, members):
     assert needle in lines[0]
     if case == 'small image':
         assert '32x32' in lines[0]
+    assert leftovers(out) == ([] if case != 'out is a file' else ['out']) and not out.is_dir()
+
+@pytest.mark.skipif(not REAL_ZIP.exists(), reason='no real Tiny ImageNet zip in ../shared/data')
+def test_sigterm_leaves_nothing_half_built(tmp_path):
+    out = tmp_path / 'tin'
+    p = subprocess.Popen([sys.executable, str(SCRIPT), f'--zip={REAL_ZIP}', f'--out={out}', '--workers=1'],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().startswith('train: ')  # packing has begun, into a temporary folder
+    assert leftovers(out) == [f'tin.tmp-{p.pid}']
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 128 + signal.SIGTERM, p.stderr.read()
     assert leftovers(out) == []
 
 # -----------------------------------------------------------------------------
