@@ -72,7 +72,7 @@ def configure(namespace, argv):
 positive, non_negative, fraction = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: 0 <= v < 1, "in [0, 1)")
 SETTING_RULES = {
     **{key: positive for key in ("batch_size", "epochs", "log_interval", "save_every", "eval_every", "eval_batch_size",
-                                 "knn_k", "knn_temperature", "layer_decay", "patch_size", "embed_dim", "depth",
+                                 "knn_k", "knn_temperature", "num_images", "layer_decay", "patch_size", "embed_dim", "depth",
                                  "num_heads", "mlp_ratio", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")},
     **{key: non_negative for key in ("warmup_epochs", "blr", "weight_decay", "max_iters", "clip_grad", "mixup",
                                      "cutmix", "rand_augment_ops", "eval_resize", "save_last_every_s")},

@@ -27,16 +27,28 @@ def load_split(data_dir, split, device):
         if not os.path.exists(path):
             raise SystemExit(f"error: {path} not found: pack the data set first with "
                              f"'python prepare_tin.py' (data_dir={data_dir!r})")
-    images = torch.from_numpy(np.load(paths[0]))
-    labels = torch.from_numpy(np.load(paths[1]).astype(np.int64))
+    images, labels = (torch.from_numpy(read_array(path)) for path in paths)
+    labels = labels.long()
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(labels) != len(images):
         raise SystemExit(f"error: {paths[0]} is not a uint8 (N, H, W, 3) array matching {paths[1]}")
     return images.to(device), labels.to(device)
 
 
+def read_array(path):
+    try:
+        return np.load(path)
+    except (OSError, ValueError) as e:  # cut short, or not an .npy file
+        raise SystemExit(f"error: cannot read {path} ({e}); pack the data set again with prepare_tin.py")
+
+
 def num_classes(data_dir):
-    with open(os.path.join(data_dir, "meta.json")) as f:
-        return len(json.load(f)["classes"])
+    path = os.path.join(data_dir, "meta.json")
+    try:
+        with open(path) as f:
+            return len(json.load(f)["classes"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: cannot read the class list in {path} ({e!r}); pack the data set again with "
+                         f"prepare_tin.py")
 
 
 def permutation(n, seed, epoch, device):

@@ -78,7 +78,7 @@ master = rank == 0
 if batch_size % world_size:
     raise SystemExit(f"error: batch_size={batch_size} does not split over {world_size} processes")
 if master:
-    os.makedirs(out_dir, exist_ok=True)
+    runtime.make_out_dir(out_dir)
 log_path, last_path, best_path = (os.path.join(out_dir, f) for f in ("finetune_log.jsonl", "ckpt_last.pt",
                                                                              "ckpt_best.pt"))
 train_images, train_labels = data.load_split(data_dir, "train", device)

@@ -78,7 +78,7 @@ if batch_size % world_size:
 if init_from not in ("scratch", "resume"):
     raise SystemExit(f"error: init_from must be 'scratch' or 'resume', not {init_from!r}")
 if master:
-    os.makedirs(out_dir, exist_ok=True)
+    runtime.make_out_dir(out_dir)
 log_path, last_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "ckpt_last.pt")
 
 train_images, _ = data.load_split(data_dir, "train", device)

@@ -2,7 +2,7 @@
 Linear probing of pre-trained MAE encoders, with a k-nearest-neighbour accuracy beside it:
 
     python probe.py --init=out/tin/ckpt_100.pt
-    python probe.py --init='out/tin/ckpt_*.pt'      # each checkpoint in turn (a glob or a,b,c list)
+    python probe.py --init='out/tin/ckpt_[0-9]*.pt'   # each checkpoint in turn (a glob or a,b,c list)
 
 The reference protocol: frozen encoder, BatchNorm without affine parameters then a Linear head on
 the cls token, 50 epochs, batch 128, AdamW, horizontal flip as the only augmentation. With a frozen
@@ -169,6 +169,9 @@ if __name__ == "__main__":
     train_images, train_labels = data.load_split(data_dir, "train", device)
     val_images, val_labels = data.load_split(data_dir, "val", device)
     data.check_eval_resize(eval_resize, val_images.shape[1])
-    os.makedirs(out_dir, exist_ok=True)
+    for key, value in (("batch_size", batch_size), ("knn_k", knn_k)):
+        if value > len(train_images):
+            raise SystemExit(f"error: {key}={value} is larger than the training set ({len(train_images)} images)")
+    runtime.make_out_dir(out_dir)
     for path in paths:
         probe(path, train_images, train_labels, val_images, val_labels, data.num_classes(data_dir))

@@ -35,6 +35,7 @@ configure(globals(), [a for a in args if a.startswith("--")])
 files = [a for a in args if not a.startswith("--")]
 if not init:
     raise SystemExit("error: no checkpoint given: --init=PATH (a pre-training checkpoint)")
+device, _, _ = runtime.setup_device(device, "float32", seed)
 
 ckpt = runtime.load_checkpoint(init)
 cfg = runtime.model_config(ckpt, init)
@@ -61,7 +62,7 @@ else:
 imgs = data.normalize(data.to_float(images_u8))
 noise = torch.rand(len(imgs), cfg.num_patches, generator=torch.Generator().manual_seed(seed)).to(device)
 masked, recon, pasted = model.reconstruct(imgs, noise, mask_ratio)
-os.makedirs(out_dir, exist_ok=True)
+runtime.make_out_dir(out_dir)
 name = os.path.splitext(os.path.basename(init))[0]
 png = os.path.join(out_dir, f"reconstruct_{name}.png")
 plot.save_reconstructions([imgs, masked, recon, pasted], png,

@@ -273,10 +273,20 @@ def load_encoder(path, img_size, drop_path=0.0):
     cfg = model_config(ckpt, path)
     if cfg.img_size != img_size:
         raise SystemExit(f"error: {path} was trained on {cfg.img_size}px images, the data are {img_size}px")
+    if any(k.startswith("head.") for k in ckpt["model"]):
+        raise SystemExit(f"error: {path} is a fine-tuning checkpoint; give a pre-training one (ckpt_EPOCH.pt "
+                         f"of pretrain.py)")
     encoder = Encoder(cfg, drop_path)
     state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
     load_weights(encoder, state, path, "an encoder")
     return encoder, cfg, ckpt
+
+
+def make_out_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot make out_dir={path!r}: {e.strerror}")
 
 
 def hardware(device):

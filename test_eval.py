@@ -5,6 +5,7 @@ end-to-end run (pre-train, probe, fine-tune, plot, reconstruct). Run with `pytho
 """
 import json
 import os
+import shutil
 import signal
 import sys
 
@@ -15,6 +16,7 @@ from PIL import Image
 
 import configurator
 import data
+import plot
 import probe
 import runtime
 import steps
@@ -186,7 +188,8 @@ def test_finetune_resume_after_kill_matches_uninterrupted_run(pretrained, tmp_pa
     assert rows[0]["top1"] == rows[1]["top1"] and rows[0]["pretrain_epoch"] == rows[1]["pretrain_epoch"] == 2.0
 
 
-@pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "wrong_architecture", "wrong_image_size"])
+@pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "wrong_architecture", "wrong_image_size",
+                                  "fine_tuning_checkpoint"])
 def test_bad_init_is_one_clear_line(pretrained, tmp_path, case):
     data_dir, pre = pretrained
     path = str(tmp_path / "bad.pt")
@@ -199,12 +202,44 @@ def test_bad_init_is_one_clear_line(pretrained, tmp_path, case):
         else:
             ckpt["model_args"]["img_size"] = 32
         torch.save(ckpt, path)
+    elif case == "fine_tuning_checkpoint":  # an encoder with a classifier head, not the MAE's decoder
+        ckpt = load(f"{pre}/ckpt_2.pt")
+        ckpt["model"] = {**{k: v for k, v in ckpt["model"].items() if k.startswith("encoder.")},
+                         "head.weight": torch.zeros(10, 32), "head.bias": torch.zeros(10)}
+        torch.save(ckpt, path)
     common = [f"--init={path}", f"--data_dir={data_dir}", f"--out_dir={tmp_path}/o", "--device=cpu"]
     for script, settings in [("finetune.py", ["--dtype=float32", "--batch_size=8"]),
                              ("probe.py", ["--dtype=float32", "--batch_size=8"]), ("reconstruct.py", [])]:
         result = run([script, *common, *settings], check=False)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:") and path in lines[0], \
+            (script, result.stderr)
+
+
+@pytest.mark.parametrize("case", ["truncated_images", "no_class_list", "out_dir_under_a_file", "batch_too_large",
+                                  "knn_k_too_large"])
+def test_bad_data_or_settings_are_one_clear_line(pretrained, tmp_path, case):
+    data_dir, pre = pretrained
+    bad_data = str(tmp_path / "data")
+    shutil.copytree(data_dir, bad_data)
+    settings, named = [f"--out_dir={tmp_path}/o"], bad_data
+    if case == "truncated_images":
+        with open(f"{bad_data}/train_images.npy", "r+b") as f:
+            f.truncate(1000)
+    elif case == "no_class_list":
+        os.remove(f"{bad_data}/meta.json")
+    elif case == "out_dir_under_a_file":
+        settings, named = [f"--out_dir={bad_data}/meta.json/o"], "out_dir"
+    else:
+        settings, named = [f"--{case.split('_too')[0]}=1000"], case.split("_too")[0]
+    scripts = {"batch_too_large": ["probe.py"], "knn_k_too_large": ["probe.py"],
+               "no_class_list": ["probe.py", "finetune.py"]}.get(case, ["probe.py", "finetune.py", "pretrain.py"])
+    for script in scripts:
+        init = [] if script == "pretrain.py" else [f"--init={pre}/ckpt_2.pt"]
+        result = run([script, *init, f"--data_dir={bad_data}", "--device=cpu", "--dtype=float32", "--batch_size=8",
+                      "--compile=False", *settings], check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], \
             (script, result.stderr)
 
 
@@ -251,6 +286,35 @@ def test_end_to_end_probe_finetune_plot_reconstruct(pretrained, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 80, 3), dtype=np.uint8)).save(picture)
     run(["reconstruct.py", f"--init={pre}/ckpt_2.pt", str(picture), f"--out_dir={out}"])
     assert Image.open(f"{out}/reconstruct_ckpt_2.png").size[0] > 100
+
+
+def test_figure3_keeps_runs_apart_and_shows_a_checkpoints_latest_result():
+    row = lambda ckpt, epoch, top1, method="linear_probe": {"checkpoint": ckpt, "pretrain_epoch": epoch,
+                                                            "method": method, "recipe": "cls", "top1": top1}
+    results = [row("out/tin/ckpt_100.pt", 100, 28.0), row("out/tin/ckpt_200.pt", 200, 30.0),
+               row("out/tin_cpu/ckpt_6.pt", 6, 40.0), row("out/tin/ckpt_100.pt", 100, 28.5),
+               row("scratch", None, 50.0, "finetune"), row("out/tin/ckpt_100.pt", 100, 60.0, "finetune")]
+    assert plot.accuracy_lines(results) == {("out/tin", "finetune", "cls"): [(100, 60.0)],
+                                            ("out/tin", "linear_probe", "cls"): [(100, 28.5), (200, 30.0)],
+                                            ("out/tin_cpu", "linear_probe", "cls"): [(6, 40.0)]}
+
+
+def test_plot_errors_are_one_line_and_leave_no_temp_file(tmp_path):
+    good = {"checkpoint": "c.pt", "pretrain_epoch": 1, "method": "knn", "recipe": "r", "top1": 1.0,
+            "wall_s": 1.0, "hardware": "cpu"}
+    for name, text, message in [("a", json.dumps(good)[:30], "line 1, is not JSON"),
+                                ("b", json.dumps({**good, "pretrain_epoch": None}) + "\n{}", "line 2, lacks one of")]:
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "results.jsonl").write_text(text)
+        result = run(["plot.py", f"--out_dir={tmp_path / name}"], check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "results.jsonl").write_text(json.dumps(good))
+    (tmp_path / "c" / "fig3_accuracy.png").mkdir()  # a folder where the figure goes
+    result = run(["plot.py", f"--out_dir={tmp_path / 'c'}"], check=False)
+    assert result.returncode == 1 and result.stderr.startswith("error: cannot write"), result.stderr
+    assert sorted(os.listdir(tmp_path / "c")) == ["fig3_accuracy.png", "results.jsonl"]
 
 
 if __name__ == "__main__":
