@@ -64,8 +64,9 @@ def extract_features(encoder, images_u8, flip=False, resize_to=0):
             x = data.resize_centre_crop(x, resize_to, x.shape[-1])
         with runtime.autocast(device, dtype):
             tokens = encoder(data.normalize(x.flip(3) if flip else x)).float()  # (B, 1 + L, D)
-        cls, avg = tokens[:, 0], tokens[:, 1:].mean(dim=1)
-        out.append({"cls": cls, "avg": avg, "both": torch.cat([cls, avg], dim=1)}[features])
+        cls, avg = tokens[:, 0], tokens[:, 1:].mean(dim=1)  # (B, D) each
+        feature = {"cls": cls, "avg": avg, "both": torch.cat([cls, avg], dim=1)}[features]
+        out.append(feature.clone())  # a copy: a view would keep the batch's whole (B, 1 + L, D) tokens alive
     return torch.cat(out)
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -63,6 +64,29 @@ def test_cached_probe_equals_plain_probe():
     print(f"cached vs plain probe head: largest difference {diff:.2e} (weights moved {moved:.2e})")
     assert moved > 1e-2 and diff < 1e-4
     assert torch.allclose(head_cached[0].running_mean, head_plain[0].running_mean, atol=1e-4)
+
+
+@pytest.mark.parametrize("features", ["cls", "avg", "both"])
+def test_feature_extraction_keeps_no_batch_of_tokens(features, monkeypatch):
+    # each batch's tokens, (B, 1 + L, D), are 257 times its features: kept alive (say, behind a view),
+    # the 100,000 training images' would fill 26 GB
+    class Recording(torch.nn.Module):
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder, self.made = encoder, []
+
+        def forward(self, x):
+            assert all(ref() is None for ref in self.made[:-1]), "an earlier batch's tokens are still alive"
+            tokens = self.encoder(x)  # (B, 1 + L, D)
+            self.made.append(weakref.ref(tokens))
+            return tokens
+
+    encoder = Recording(MAE(SMALL).encoder.eval())
+    for key, value in dict(device="cpu", dtype="float32", eval_batch_size=4, features=features).items():
+        monkeypatch.setattr(probe, key, value)
+    f = probe.extract_features(encoder, torch.randint(0, 256, (16, 64, 64, 3), dtype=torch.uint8))
+    assert f.shape == (16, 64 if features == "both" else 32) and len(encoder.made) == 4
+    assert all(ref() is None for ref in encoder.made)
 
 
 def test_knn_matches_plain_loop():
