@@ -32,7 +32,7 @@ from model import MAE, Classifier, ViTConfig
 
 # -----------------------------------------------------------------------------
 stage = "pretrain"  # 'pretrain', 'finetune' or 'attention'
-batch_size = 0  # 0: the protocol's batch of the stage, 256 for pre-training and 128 for fine-tuning
+batch_size = 0  # left at 0: the protocol's batch of the stage, 256 for pre-training and 128 for fine-tuning
 steps_per_repeat = 20
 repeats = 5
 warmup = 10  # steps before timing (compilation happens here)

@@ -6,8 +6,9 @@ globals, then calls
 
 Each argument is either a config file (python assignments, e.g. config/tin.py) or --key=value.
 They apply in order, so `python pretrain.py config/tin.py --batch_size=128` takes the file, then
-overrides one value. A key the script does not have, a value of the wrong type, or a final value out
-of range (SETTING_RULES) is a one-line error. check_same_run keeps a resumed run on its own settings.
+overrides one value. A key the script does not have, a value of the wrong type, or a value given out
+of range (SETTING_RULES; a script's own defaults may be sentinels, as bench.py's batch_size=0) is a
+one-line error. check_same_run keeps a resumed run on its own settings.
 """
 import ast
 import sys
@@ -39,7 +40,7 @@ def checked(key, value, known, source):
 def configure(namespace, argv):
     """Apply config files and --key=value overrides to the globals in namespace; return the final
     settings as a dict (what checkpoints record)."""
-    known = settings(namespace)
+    known, given = settings(namespace), set()
     for arg in argv:
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
@@ -52,6 +53,7 @@ def configure(namespace, argv):
             if type(known.get(key)) is str and type(value) is not str:
                 value = text  # --init=700 or --out_dir=1e3 still name a path
             namespace[key] = known[key] = checked(key, value, known, arg)
+            given.add(key)
         else:
             try:
                 with open(arg) as f:
@@ -63,7 +65,8 @@ def configure(namespace, argv):
             for key, value in values.items():
                 if not key.startswith("_") and not isinstance(value, type(sys)):  # skip imports
                     namespace[key] = known[key] = checked(key, value, known, arg)
-    check_settings(known)
+                    given.add(key)
+    check_settings(known, given)
     return dict(known)
 
 
@@ -89,12 +92,14 @@ SETTING_RULES = {
 }
 
 
-def check_settings(config):
+def check_settings(config, given=None):
+    """The values of the keys in given (all of config's by default) against SETTING_RULES."""
+    given = config.keys() if given is None else given
     for key, (ok, allowed) in SETTING_RULES.items():
-        if key in config and not ok(config[key]):
+        if key in given and not ok(config[key]):
             raise SystemExit(f"error: {key}={config[key]!r}: it must be {allowed}")
     for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
-        if width in config and config[width] % (4 * config[heads]):  # whole heads, and sin-cos in fours
+        if {width, heads} & set(given) and config[width] % (4 * config[heads]):  # whole heads, and sin-cos in fours
             raise SystemExit(f"error: {width}={config[width]} must be a multiple of 4 x {heads} ({4 * config[heads]})")
 
 
