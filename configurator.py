@@ -17,6 +17,7 @@ import augment
 
 SETTING_TYPES = (bool, int, float, str, tuple)
 
+
 def settings(namespace):
     """The script's settings: its public globals of plain types."""
     return {k: v for k, v in namespace.items()

@@ -236,8 +236,6 @@ def main(argv=None):
     p.add_argument('--out', default='data/tin', help='output folder (default: data/tin)')
     p.add_argument('--workers', type=int, default=os.cpu_count(), help='decoding processes')
     args = p.parse_args(argv)
-    # SIGTERM (timeout, a scheduler) stops as Ctrl-C does: through the clean-up of half-built output
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         prepare(args)
     except (PrepError, OSError) as e:
@@ -245,4 +243,6 @@ def main(argv=None):
         sys.exit(1)
 
 if __name__ == '__main__':
+    # SIGTERM (timeout, a scheduler) stops as Ctrl-C does: through the clean-up of half-built output
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     main()
