@@ -54,8 +54,11 @@ def test_cached_probe_equals_plain_probe():
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
         return encoder(data.normalize(x))[:, 0]
 
-    head_cached = probe.train_head(lambda idx, flip: cached[idx, flip.long()], labels, 32, 5)
+    modes_seen = []  # the head's training flag at each end-of-epoch call
+    head_cached = probe.train_head(lambda idx, flip: cached[idx, flip.long()], labels, 32, 5,
+                                   lambda head: modes_seen.append(head.training))
     head_plain = probe.train_head(plain, labels, 32, 5)
+    assert modes_seen == [False] * probe.epochs
     start = torch.nn.Linear(32, 5)
     torch.manual_seed(probe.seed)
     torch.nn.init.trunc_normal_(start.weight, std=0.01)
@@ -291,13 +294,17 @@ def test_end_to_end_probe_finetune_plot_reconstruct(pretrained, tmp_path):
     os.makedirs(out)
     os.symlink(pre, f"{out}/pre")
     run(["probe.py", f"--init={pre}/ckpt_[0-9]*.pt", f"--data_dir={data_dir}", f"--out_dir={out}/probe",
-         "--device=cpu", "--dtype=float32", "--epochs=3", "--batch_size=8"])
+         "--device=cpu", "--dtype=float32", "--epochs=3", "--batch_size=8", "--eval_resize=0"])
     run(["probe.py", f"--init={pre}/ckpt_2.pt", f"--data_dir={data_dir}", f"--out_dir={out}/probe",
-         "--device=cpu", "--dtype=float32", "--epochs=3", "--batch_size=8", "--eval_resize=73"])
+         "--device=cpu", "--dtype=float32", "--epochs=3", "--batch_size=8"])  # both views: plain and resize 73
     rows = [json.loads(line) for line in open(f"{out}/probe/results.jsonl")]
-    assert [(r["pretrain_epoch"], r["method"]) for r in rows] == \
-        [(1.0, "linear_probe"), (1.0, "knn"), (2.0, "linear_probe"), (2.0, "knn"), (2.0, "linear_probe"), (2.0, "knn")]
-    assert rows[-2]["recipe"] == "cls, 3 ep, eval resize 73" and rows[-2]["recipe"] != rows[2]["recipe"]
+    plain_view = lambda epoch: [(epoch, "linear_probe", "cls, 3 ep"), (epoch, "knn", "cls, k=20")]
+    assert [(r["pretrain_epoch"], r["method"], r["recipe"]) for r in rows] == plain_view(1.0) + plain_view(2.0) * 2 + \
+        [(2.0, "linear_probe", "cls, 3 ep, eval resize 73"), (2.0, "knn", "cls, k=20, eval resize 73")]
+    # the second view shares the head and the training features: the plain view's results are unchanged
+    assert [(r["top1"], r["top5"]) for r in rows[2:4]] == [(r["top1"], r["top5"]) for r in rows[4:6]]
+    probes = [r for r in rows if r["method"] == "linear_probe"]
+    assert all(r["best_top1"] >= r["top1"] for r in probes)  # the best epoch includes the last
     run(["finetune.py", "config/ft_tin.py", f"--init={pre}/ckpt_2.pt", f"--data_dir={data_dir}",
          f"--out_dir={out}/ft", "--epochs=2", "--warmup_epochs=1", "--batch_size=8", "--device=cpu",
          "--dtype=float32", "--compile=False"])
@@ -305,7 +312,7 @@ def test_end_to_end_probe_finetune_plot_reconstruct(pretrained, tmp_path):
     assert [r["epoch"] for r in log] == [1, 2] and os.path.exists(f"{out}/ft/ckpt_best.pt")
     result = run(["plot.py", f"--out_dir={out}"])
     assert os.path.exists(f"{out}/fig2_loss.png") and os.path.exists(f"{out}/fig3_accuracy.png")
-    assert result.stdout.count("| linear_probe |") == 3 and result.stdout.count("| finetune |") == 1
+    assert result.stdout.count("| linear_probe |") == 4 and result.stdout.count("| finetune |") == 1
     picture = tmp_path / "any.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 80, 3), dtype=np.uint8)).save(picture)
     run(["reconstruct.py", f"--init={pre}/ckpt_2.pt", str(picture), f"--out_dir={out}"])
