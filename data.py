@@ -175,6 +175,16 @@ def check_eval_resize(resize_to, size):
                          f"give 0 (no resize) or at least {size}")
 
 
+def eval_views(eval_resize):
+    """The validation views to score: the plain image (0) always, and the resize_to view when given."""
+    return list(dict.fromkeys([0, eval_resize]))
+
+
+def view_label(resize_to):
+    """A view's part of a results recipe: nothing for the plain image."""
+    return f", eval resize {resize_to}" if resize_to else ""
+
+
 def resize_centre_crop(x, resize_to, out_size):
     """The reference's evaluation transform: resize to resize_to, then the central out_size crop."""
     B, _, H, W = x.shape

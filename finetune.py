@@ -7,13 +7,13 @@ Fine-tuning of a pre-trained MAE encoder (or of the same network from scratch) o
     torchrun --standalone --nproc_per_node=4 finetune.py config/ft_tin.py --init=...
 
 All augmentation (crop, flip, RandAugment, random erasing, mixup/cutmix) runs on whole batches on
-the device. Top-1/top-5 on the 10,000 validation images every eval_every epochs. Output in out_dir:
-ckpt_last.pt (resume with --resume=True), ckpt_best.pt, finetune_log.jsonl (loss and accuracy per
-epoch), and one line in results.jsonl. Ctrl-C or SIGTERM saves ckpt_last.pt at the next progress line
+the device. Top-1/top-5 on the 10,000 validation images every eval_every epochs, as they are (64x64)
+and, with eval_resize > 0, also in the reference's view (resized to 73, the central 64x64 crop).
+Output in out_dir: ckpt_last.pt (resume with --resume=True), ckpt_best.pt (the best plain-view top-1),
+finetune_log.jsonl (loss and accuracy per epoch), and one line per view in results.jsonl. Ctrl-C or SIGTERM saves ckpt_last.pt at the next progress line
 and stops there.
 """
 import json
-import math
 import os
 import sys
 import time
@@ -37,7 +37,7 @@ recipe = "ref"  # a name for the results table
 log_interval = 50
 save_last_every_s = 60.0
 eval_every = 1  # epochs
-eval_resize = 0  # 0: the plain 64x64 image; 73: the reference's resize to 73 and central 64 crop
+eval_resize = 73  # also score the reference's view (resize to 73, central 64 crop); 0: the plain 64x64 image only
 eval_batch_size = 512
 # model
 pool = "cls"  # 'cls' token (the reference) or 'avg' of the patch tokens with a LayerNorm (official MAE)
@@ -105,7 +105,8 @@ else:
 model = model.to(device)
 optimizer = torch.optim.AdamW(runtime.layer_decay_groups(model, weight_decay, layer_decay), lr=lr,
                               betas=(beta1, beta2), fused=device.startswith("cuda"))
-iter_num, best_top1, train_time, epoch_loss_sum = 0, 0.0, 0.0, 0.0
+views = data.eval_views(eval_resize)
+iter_num, best_top1, train_time, epoch_loss_sum = 0, dict.fromkeys(views, 0.0), 0.0, 0.0
 last_saved = None  # the iteration ckpt_last.pt holds
 if resume:
     ckpt = runtime.load_checkpoint(last_path, ("model", "optimizer", "model_args", "iter_num"))
@@ -145,13 +146,13 @@ train_step = steps.make_finetune_step(
     rand_augment_interpolation=rand_augment_interpolation, reprob=reprob, mixup=mixup, cutmix=cutmix,
     mixup_mode=mixup_mode, label_smoothing=label_smoothing, clip_grad=clip_grad,
     device=device, dtype=dtype, compile=compile, cuda_graph=graphs)
-evaluate = lambda: steps.evaluate(raw_model, val_images, val_labels, batch_size=eval_batch_size, device=device,
-                                  dtype=dtype, resize_to=eval_resize)
+evaluate = lambda: {view: steps.evaluate(raw_model, val_images, val_labels, batch_size=eval_batch_size,
+                                         device=device, dtype=dtype, resize_to=view) for view in views}
 window = torch.zeros(log_interval, device=device)  # losses since the last log point, read only there
 last_log, last_save, t_start = iter_num, time.time(), time.time() - train_time
 progress = runtime.Progress(total_iters, iter_num, batch_size)
 stop = runtime.StopSignal(device)
-perm, top1, top5 = None, float("nan"), float("nan")
+perm, scores = None, None  # scores: {view: (top-1, top-5)} of the last evaluation
 for it in range(iter_num, total_iters):
     epoch, step = divmod(it, iters_per_epoch)
     if perm is None or step == 0:
@@ -175,14 +176,19 @@ for it in range(iter_num, total_iters):
               f"lr {float(optimizer.param_groups[-1]['lr']):.2e} | {images_per_s:,.0f} img/s | "
               f"ETA {runtime.fmt_duration(eta)}", flush=True)
     if epoch_end and (epochs_done % eval_every == 0 or epochs_done == epochs):
-        top1, top5 = evaluate()
-        improved = top1 > best_top1
-        best_top1 = max(best_top1, top1)
+        scores = evaluate()
+        improved = scores[0][0] > best_top1[0]
+        best_top1 = {view: max(best_top1[view], scores[view][0]) for view in views}
         if master:
-            print(f"epoch {epochs_done}: validation top-1 {top1:.2f}% top-5 {top5:.2f}% (best {best_top1:.2f}%)")
+            print(f"epoch {epochs_done}: validation " + "; ".join(
+                f"top-1 {top1:.2f}% top-5 {top5:.2f}% (best {best_top1[view]:.2f}%){data.view_label(view)}"
+                for view, (top1, top5) in scores.items()))
+            row = {"epoch": epochs_done, "loss": epoch_loss_sum / iters_per_epoch}
+            for view, (top1, top5) in scores.items():
+                suffix = f"_resize{view}" if view else ""  # top1, top5 and top1_resize73, top5_resize73
+                row.update({f"top1{suffix}": top1, f"top5{suffix}": top5})
             with open(log_path, "a") as f:
-                f.write(json.dumps({"epoch": epochs_done, "loss": epoch_loss_sum / iters_per_epoch, "top1": top1,
-                                    "top5": top5, "lr": float(optimizer.param_groups[-1]["lr"])}) + "\n")
+                f.write(json.dumps({**row, "lr": float(optimizer.param_groups[-1]["lr"])}) + "\n")
             if improved:
                 save_checkpoint(best_path, done)
     if epoch_end:
@@ -197,13 +203,15 @@ for it in range(iter_num, total_iters):
 if master and stop.signum:
     print(f"{stop.name()}: stopped at iteration {last_log} of {total_iters}; continue with --resume=True")
 elif master:
-    top1, top5 = evaluate() if math.isnan(top1) else (top1, top5)  # a resumed run that had nothing left
-    row = {"checkpoint": init, "pretrain_epoch": pretrain_epoch, "method": "finetune", "recipe": recipe,
-           "top1": top1, "top5": top5, "best_top1": best_top1, "wall_s": train_time,
-           "hardware": runtime.hardware(device)}
+    scores = scores or evaluate()  # a resumed run that had nothing left has not evaluated
     with open(os.path.join(out_dir, "results.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
-    print(f"done: final top-1 {top1:.2f}% top-5 {top5:.2f}%, best top-1 {best_top1:.2f}%, "
-          f"{runtime.fmt_duration(train_time)}; results in {os.path.join(out_dir, 'results.jsonl')}")
+        for view, (top1, top5) in scores.items():
+            f.write(json.dumps({"checkpoint": init, "pretrain_epoch": pretrain_epoch, "method": "finetune",
+                                "recipe": recipe + data.view_label(view), "top1": top1, "top5": top5,
+                                "best_top1": best_top1[view], "wall_s": train_time,
+                                "hardware": runtime.hardware(device)}) + "\n")
+            print(f"done{data.view_label(view)}: final top-1 {top1:.2f}% top-5 {top5:.2f}%, "
+                  f"best top-1 {best_top1[view]:.2f}%")
+    print(f"{runtime.fmt_duration(train_time)}; results in {os.path.join(out_dir, 'results.jsonl')}")
 runtime.cleanup()
 sys.exit(stop.exit_code())

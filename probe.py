@@ -149,7 +149,7 @@ def probe(path, train_images, train_labels, val_images, val_labels, num_classes)
         encoder = torch.compile(encoder)
     # the two possible feature vectors of every training image: (N, 2, F), index 1 = mirrored
     cached = torch.stack([extract_features(encoder, train_images, flip) for flip in (False, True)], dim=1)
-    val_f = {view: extract_features(encoder, val_images, resize_to=view) for view in dict.fromkeys([0, eval_resize])}
+    val_f = {view: extract_features(encoder, val_images, resize_to=view) for view in data.eval_views(eval_resize)}
     t_features = time.time() - t0
     best = dict.fromkeys(val_f, 0.0)
 
@@ -165,7 +165,7 @@ def probe(path, train_images, train_labels, val_images, val_labels, num_classes)
         with torch.no_grad():
             probe_acc = top_k_accuracy(head(f), val_labels)
         knn_acc = top_k_accuracy(knn_scores(cached[:, 0], train_labels, f, num_classes), val_labels)
-        name = f", eval resize {view}" if view else ""
+        name = data.view_label(view)
         print(f"{path} (pre-training epoch {ckpt.get('epoch', 0):g}){name}: linear probe top-1 {probe_acc[0]:.2f}% "
               f"(best {best[view]:.2f}%) top-5 {probe_acc[1]:.2f}% | {knn_k}-NN top-1 {knn_acc[0]:.2f}%", flush=True)
         common = {"checkpoint": path, "pretrain_epoch": ckpt.get("epoch"), "wall_s": wall,

@@ -310,9 +310,13 @@ def test_end_to_end_probe_finetune_plot_reconstruct(pretrained, tmp_path):
          "--dtype=float32", "--compile=False"])
     log = [json.loads(line) for line in open(f"{out}/ft/finetune_log.jsonl")]
     assert [r["epoch"] for r in log] == [1, 2] and os.path.exists(f"{out}/ft/ckpt_best.pt")
+    ft_rows = [json.loads(line) for line in open(f"{out}/ft/results.jsonl")]  # one per view, from the last epoch
+    assert [r["recipe"] for r in ft_rows] == ["tin", "tin, eval resize 73"]
+    assert [(r["top1"], r["top5"]) for r in ft_rows] == [(log[-1]["top1"], log[-1]["top5"]),
+                                                         (log[-1]["top1_resize73"], log[-1]["top5_resize73"])]
     result = run(["plot.py", f"--out_dir={out}"])
     assert os.path.exists(f"{out}/fig2_loss.png") and os.path.exists(f"{out}/fig3_accuracy.png")
-    assert result.stdout.count("| linear_probe |") == 4 and result.stdout.count("| finetune |") == 1
+    assert result.stdout.count("| linear_probe |") == 4 and result.stdout.count("| finetune |") == 2
     picture = tmp_path / "any.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 80, 3), dtype=np.uint8)).save(picture)
     run(["reconstruct.py", f"--init={pre}/ckpt_2.pt", str(picture), f"--out_dir={out}"])

@@ -1,7 +1,7 @@
 # The reference's fine-tuning recipe (../shared/reference.md): 100 epochs, batch 128, blr 1e-3,
 # weight decay 0.05, 5 warm-up epochs, AdamW (0.9, 0.999), random resized crop (0.08-1) + flip +
-# RandAugment(2, 9) with bicubic resampling (finetune.py's default), cls token head, evaluated after a
-# resize to 73 and a central 64 crop.
+# RandAugment(2, 9) with bicubic resampling (finetune.py's default), cls token head. Its evaluation, a
+# resize to 73 and the central 64 crop, is finetune.py's second view by default (eval_resize = 73).
 out_dir = "out/ft_ref"
 recipe = "ref"
 pool = "cls"
@@ -15,4 +15,3 @@ beta2 = 0.999
 crop_scale = (0.08, 1.0)
 rand_augment_ops = 2
 rand_augment_magnitude = 9
-eval_resize = 73
