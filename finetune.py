@@ -9,9 +9,9 @@ Fine-tuning of a pre-trained MAE encoder (or of the same network from scratch) o
 All augmentation (crop, flip, RandAugment, random erasing, mixup/cutmix) runs on whole batches on
 the device. Top-1/top-5 on the 10,000 validation images every eval_every epochs, as they are (64x64)
 and, with eval_resize > 0, also in the reference's view (resized to 73, the central 64x64 crop).
-Output in out_dir: ckpt_last.pt (resume with --resume=True), ckpt_best.pt (the best plain-view top-1),
-finetune_log.jsonl (loss and accuracy per epoch), and one line per view in results.jsonl. Ctrl-C or SIGTERM saves ckpt_last.pt at the next progress line
-and stops there.
+Output in out_dir: ckpt_last.pt (resume with --resume=True), ckpt_best.pt (the best plain-view
+top-1), finetune_log.jsonl (loss and accuracy per epoch), and one line per view in results.jsonl.
+Ctrl-C or SIGTERM saves ckpt_last.pt at the next progress line and stops there.
 """
 import json
 import os
