@@ -182,7 +182,7 @@ for it in range(iter_num, total_iters):
         if master:
             print(f"epoch {epochs_done}: validation " + "; ".join(
                 f"top-1 {top1:.2f}% top-5 {top5:.2f}% (best {best_top1[view]:.2f}%){data.view_label(view)}"
-                for view, (top1, top5) in scores.items()))
+                for view, (top1, top5) in scores.items()), flush=True)
             row = {"epoch": epochs_done, "loss": epoch_loss_sum / iters_per_epoch}
             for view, (top1, top5) in scores.items():
                 suffix = f"_resize{view}" if view else ""  # top1, top5 and top1_resize73, top5_resize73

@@ -62,7 +62,8 @@ def extract_features(encoder, images_u8, flip=False, resize_to=0):
     out, progress = [], runtime.Progress(len(images_u8), 0, 1)
     for i in range(0, len(images_u8), eval_batch_size):
         if progress.due(10):
-            print(f"  features: {i:,}/{len(images_u8):,} images, ETA {runtime.fmt_duration(progress.tick(i)[1])}")
+            print(f"  features: {i:,}/{len(images_u8):,} images, ETA {runtime.fmt_duration(progress.tick(i)[1])}",
+                  flush=True)
         x = data.to_float(images_u8[i:i + eval_batch_size])
         if resize_to > 0:
             x = data.resize_centre_crop(x, resize_to, x.shape[-1])
@@ -101,7 +102,8 @@ def train_head(features_of, labels, dim, num_classes, after_epoch=lambda head: N
     progress = runtime.Progress(epochs * iters_per_epoch, 0, batch_size)
     for it in range(epochs * iters_per_epoch):
         if progress.due(10):
-            print(f"  head: epoch {it / iters_per_epoch:.1f}/{epochs}, ETA {runtime.fmt_duration(progress.tick(it)[1])}")
+            print(f"  head: epoch {it / iters_per_epoch:.1f}/{epochs}, ETA {runtime.fmt_duration(progress.tick(it)[1])}",
+                  flush=True)
         epoch, step = divmod(it, iters_per_epoch)
         if step == 0:
             perm = data.permutation(n, seed, epoch, device)
