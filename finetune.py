@@ -212,6 +212,6 @@ elif master:
                                 "hardware": runtime.hardware(device)}) + "\n")
             print(f"done{data.view_label(view)}: final top-1 {top1:.2f}% top-5 {top5:.2f}%, "
                   f"best top-1 {best_top1[view]:.2f}%")
-    print(f"{runtime.fmt_duration(train_time)}; results in {os.path.join(out_dir, 'results.jsonl')}")
+    print(f"trained for {runtime.fmt_duration(train_time)}; results in {os.path.join(out_dir, 'results.jsonl')}")
 runtime.cleanup()
 sys.exit(stop.exit_code())

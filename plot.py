@@ -109,13 +109,13 @@ RESULT_KEYS = ("checkpoint", "pretrain_epoch", "method", "recipe", "top1", "wall
 
 
 def markdown_table(results):
-    lines = ["| checkpoint | pre-training epoch | method | recipe | top-1 | top-5 | wall time | hardware |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| checkpoint | pre-training epoch | method | recipe | top-1 | best epoch's top-1 | top-5 | wall time | "
+             "hardware |", "|---|---|---|---|---|---|---|---|---|"]
+    optional = lambda r, key: "" if r.get(key) is None else f"{r[key]:.2f}"  # knn has no best epoch
     for r in sorted(results, key=lambda r: (r["method"], r["recipe"], r["pretrain_epoch"] or 0)):
         epoch = "none" if r["pretrain_epoch"] is None else f"{r['pretrain_epoch']:g}"
-        top5 = "" if r.get("top5") is None else f"{r['top5']:.2f}"
         lines.append(f"| {r['checkpoint']} | {epoch} | {r['method']} | {r['recipe']} | {r['top1']:.2f} | "
-                     f"{top5} | {r['wall_s']:.0f} s | {r['hardware']} |")
+                     f"{optional(r, 'best_top1')} | {optional(r, 'top5')} | {r['wall_s']:.0f} s | {r['hardware']} |")
     return "\n".join(lines)
 
 

@@ -317,6 +317,7 @@ def test_end_to_end_probe_finetune_plot_reconstruct(pretrained, tmp_path):
     result = run(["plot.py", f"--out_dir={out}"])
     assert os.path.exists(f"{out}/fig2_loss.png") and os.path.exists(f"{out}/fig3_accuracy.png")
     assert result.stdout.count("| linear_probe |") == 4 and result.stdout.count("| finetune |") == 2
+    assert f"| {probes[-1]['top1']:.2f} | {probes[-1]['best_top1']:.2f} |" in result.stdout  # the best epoch's column
     picture = tmp_path / "any.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 80, 3), dtype=np.uint8)).save(picture)
     run(["reconstruct.py", f"--init={pre}/ckpt_2.pt", str(picture), f"--out_dir={out}"])
