@@ -153,27 +153,25 @@ def probe(path, train_images, train_labels, val_images, val_labels, num_classes)
     cached = torch.stack([extract_features(encoder, train_images, flip) for flip in (False, True)], dim=1)
     val_f = {view: extract_features(encoder, val_images, resize_to=view) for view in data.eval_views(eval_resize)}
     t_features = time.time() - t0
-    best = dict.fromkeys(val_f, 0.0)
+    last, best = {}, dict.fromkeys(val_f, 0.0)  # {view: (top-1, top-5)} after the last epoch; best top-1
 
     def score_epoch(head):
         for view, f in val_f.items():
-            best[view] = max(best[view], top_k_accuracy(head(f), val_labels)[0])
+            last[view] = top_k_accuracy(head(f), val_labels)
+            best[view] = max(best[view], last[view][0])
 
-    head = train_head(lambda idx, flip: cached[idx, flip.long()], train_labels, cached.shape[2], num_classes,
-                      score_epoch)
+    train_head(lambda idx, flip: cached[idx, flip.long()], train_labels, cached.shape[2], num_classes, score_epoch)
     wall = time.time() - t0
+    common = {"checkpoint": path, "pretrain_epoch": ckpt.get("epoch"), "wall_s": wall,
+              "hardware": runtime.hardware(device)}
     rows = []
     for view, f in val_f.items():
-        with torch.no_grad():
-            probe_acc = top_k_accuracy(head(f), val_labels)
+        (top1, top5), name = last[view], data.view_label(view)
         knn_acc = top_k_accuracy(knn_scores(cached[:, 0], train_labels, f, num_classes), val_labels)
-        name = data.view_label(view)
-        print(f"{path} (pre-training epoch {ckpt.get('epoch', 0):g}){name}: linear probe top-1 {probe_acc[0]:.2f}% "
-              f"(best {best[view]:.2f}%) top-5 {probe_acc[1]:.2f}% | {knn_k}-NN top-1 {knn_acc[0]:.2f}%", flush=True)
-        common = {"checkpoint": path, "pretrain_epoch": ckpt.get("epoch"), "wall_s": wall,
-                  "hardware": runtime.hardware(device)}
-        rows += [{**common, "method": "linear_probe", "recipe": f"{features}, {epochs} ep{name}", "top1": probe_acc[0],
-                  "top5": probe_acc[1], "best_top1": best[view]},
+        print(f"{path} (pre-training epoch {ckpt.get('epoch', 0):g}){name}: linear probe top-1 {top1:.2f}% "
+              f"(best {best[view]:.2f}%) top-5 {top5:.2f}% | {knn_k}-NN top-1 {knn_acc[0]:.2f}%", flush=True)
+        rows += [{**common, "method": "linear_probe", "recipe": f"{features}, {epochs} ep{name}", "top1": top1,
+                  "top5": top5, "best_top1": best[view]},
                  {**common, "method": "knn", "recipe": f"{features}, k={knn_k}{name}", "top1": knn_acc[0],
                   "top5": knn_acc[1]}]
     print(f"  features {t_features:.1f} s, total {wall:.1f} s")
