@@ -7,8 +7,10 @@ import re
 import sys
 
 import pytest
+import torch
 
 import bench
+import data
 from test_pretrain import run
 
 
@@ -26,6 +28,18 @@ def test_optimised_path_gives_the_plain_loss(stage, attention):
     differing = [float(f) for f in re.findall(r"augmentation, .*: ([0-9.e+-]+) of the values differ", result.stdout)]
     assert len(differing) == 8 and max(differing) == 0.0
 
+
+
+def test_guard_lets_one_level_through_and_stops_two():
+    # every pair of 8-bit levels k and k + step in each channel, normalised as the model sees them: the
+    # guard's limit on the images must pass a one-level flip (compiled code rounding a pixel the other
+    # way) and stop a two-level one, whatever float32 makes of the difference
+    levels = torch.arange(254, dtype=torch.uint8).view(1, 1, 254, 1).expand(1, 1, 254, 3)
+    gap = lambda step: (data.normalize(data.to_float(levels + step)) - data.normalize(data.to_float(levels))).abs()
+    one, two = gap(1), gap(2)
+    print(f"one-level flips: largest {one.max().item():.7f}, two-level: smallest {two.min().item():.7f}, "
+          f"limit {bench.ONE_LEVEL:.7f}")
+    assert one.max() <= bench.ONE_LEVEL < two.min()
 
 def test_bench_reports_throughput_and_flops():
     result = run(["bench.py", "--stage=pretrain", "--device=cpu", "--dtype=float32", "--compile=False",
