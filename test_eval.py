@@ -311,7 +311,7 @@ def test_end_to_end_probe_finetune_plot_reconstruct(pretrained, tmp_path):
     log = [json.loads(line) for line in open(f"{out}/ft/finetune_log.jsonl")]
     assert [r["epoch"] for r in log] == [1, 2] and os.path.exists(f"{out}/ft/ckpt_best.pt")
     ft_rows = [json.loads(line) for line in open(f"{out}/ft/results.jsonl")]  # one per view, from the last epoch
-    assert [r["recipe"] for r in ft_rows] == ["tin", "tin, eval resize 73"]
+    assert [r["recipe"] for r in ft_rows] == ["tin, 2 ep", "tin, 2 ep, eval resize 73"]
     assert [(r["top1"], r["top5"]) for r in ft_rows] == [(log[-1]["top1"], log[-1]["top5"]),
                                                          (log[-1]["top1_resize73"], log[-1]["top5_resize73"])]
     result = run(["plot.py", f"--out_dir={out}"])
