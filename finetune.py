@@ -33,7 +33,7 @@ data_dir = "data/tin"
 out_dir = "out/finetune"
 init = "scratch"  # a pre-training checkpoint, or 'scratch' for the reference ViT-Lite from random weights
 resume = False  # continue from out_dir/ckpt_last.pt
-recipe = "ref"  # a name for the results table (its lines add the epochs: a short run is another line in Figure 3)
+recipe = "ref"  # a name for the results table; its lines add the epochs, so a short run is a line of its own
 log_interval = 50
 save_last_every_s = 60.0
 eval_every = 1  # epochs
@@ -207,8 +207,8 @@ elif master:
     with open(os.path.join(out_dir, "results.jsonl"), "a") as f:
         for view, (top1, top5) in scores.items():
             f.write(json.dumps({"checkpoint": init, "pretrain_epoch": pretrain_epoch, "method": "finetune",
-                                "recipe": f"{recipe}, {epochs} ep{data.view_label(view)}", "top1": top1, "top5": top5,
-                                "best_top1": best_top1[view], "wall_s": train_time,
+                                "recipe": f"{recipe}, {epochs} ep{data.view_label(view)}",
+                                "top1": top1, "top5": top5, "best_top1": best_top1[view], "wall_s": train_time,
                                 "hardware": runtime.hardware(device)}) + "\n")
             print(f"done{data.view_label(view)}: final top-1 {top1:.2f}% top-5 {top5:.2f}%, "
                   f"best top-1 {best_top1[view]:.2f}%")

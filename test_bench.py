@@ -29,7 +29,6 @@ def test_optimised_path_gives_the_plain_loss(stage, attention):
     assert len(differing) == 8 and max(differing) == 0.0
 
 
-
 def test_guard_lets_one_level_through_and_stops_two():
     # every pair of 8-bit levels k and k + step in each channel, normalised as the model sees them: the
     # guard's limit on the images must pass a one-level flip (compiled code rounding a pixel the other
@@ -40,6 +39,7 @@ def test_guard_lets_one_level_through_and_stops_two():
     print(f"one-level flips: largest {one.max().item():.7f}, two-level: smallest {two.min().item():.7f}, "
           f"limit {bench.ONE_LEVEL:.7f}")
     assert one.max() <= bench.ONE_LEVEL < two.min()
+
 
 def test_bench_reports_throughput_and_flops():
     result = run(["bench.py", "--stage=pretrain", "--device=cpu", "--dtype=float32", "--compile=False",
