@@ -134,8 +134,8 @@ def flops_per_image(synthetic):
 # (fine-tuning, whose guard model has large logits) on CPUs and GPUs, with a margin; a wrong path moves
 # it more (pre-training with a mask ratio of 0.5 instead of 0.75: 3e-3). The augmentation: at most a
 # per-mille of the values off, each by at most one 8-bit level (compiled code may fuse a multiply-add
-# of the bicubic resampling and round a rare pixel the other way: on the H200, up to 3e-5 of them); the mask
-# noise and soft targets exact up to float rounding.
+# of the bicubic resampling and round a rare pixel the other way: on the H200, up to 3e-5 of them);
+# the mask noise and soft targets exact up to float rounding.
 LOSS_TOLERANCE = {"pretrain": 2e-3, "finetune": 5e-3}
 # one 8-bit level of a normalised image, with a margin for the float32 rounding of the two normalised
 # values whose difference it is (up to 4e-6 of a level: without it the H200 failed a one-level flip)
