@@ -10,6 +10,12 @@ encoder and flip as the only augmentation each training image has exactly two po
 vectors, so we compute them once and train the head on those: the same mathematics as running the
 encoder every step (test_eval.py checks it), in seconds instead of hours.
 
+The reference's own code trains its probe on more than its config says: train_classifier.py never
+passes use_rrc=False, so torchvision's RandomResizedCrop (scale 0.08 to 1, bicubic) comes before the
+flip. train_crop=True trains the head that way too, on fresh crops every step (Pillow's crop, as in
+pre-training): nothing to cache then, so the encoder runs on every step's batch, 50 passes over the
+training set instead of 2.
+
 The validation images are scored as they are (64x64) and, with eval_resize > 0, also in the
 reference's view (resized to 73, the central 64x64 crop): the same head and training features, so
 the second view costs one more pass over the 10,000 validation images. Each checkpoint appends a
@@ -36,6 +42,8 @@ data_dir = "data/tin"
 out_dir = "out/probe"
 init = ""  # pre-training checkpoint(s): a path, a comma-separated list or a glob
 features = "cls"  # 'cls' token (the reference's), 'avg' of the patch tokens, or 'both' concatenated
+train_crop = False  # True: random resized crops (crop_scale) + flip, as the reference's code trains; False: flip only
+crop_scale = (0.08, 1.0)  # with train_crop: the crop's share of the image, as the reference's classification runs
 batch_size = 128
 epochs = 50
 warmup_epochs = 2
@@ -67,12 +75,28 @@ def extract_features(encoder, images_u8, flip=False, resize_to=0):
         x = data.to_float(images_u8[i:i + eval_batch_size])
         if resize_to > 0:
             x = data.resize_centre_crop(x, resize_to, x.shape[-1])
-        with runtime.autocast(device, dtype):
-            tokens = encoder(data.normalize(x.flip(3) if flip else x)).float()  # (B, 1 + L, D)
-        cls, avg = tokens[:, 0], tokens[:, 1:].mean(dim=1)  # (B, D) each
-        feature = {"cls": cls, "avg": avg, "both": torch.cat([cls, avg], dim=1)}[features]
-        out.append(feature.clone())  # a copy: a view would keep the batch's whole (B, 1 + L, D) tokens alive
+        # a copy: a view would keep the batch's whole (B, 1 + L, D) tokens alive
+        out.append(encode(encoder, x.flip(3) if flip else x).clone())
     return torch.cat(out)
+
+
+def encode(encoder, x):
+    """The chosen features (B, F) of float images x (B, 3, H, W) with values 0..255."""
+    with runtime.autocast(device, dtype):
+        tokens = encoder(data.normalize(x)).float()  # (B, 1 + L, D)
+    cls, avg = tokens[:, 0], tokens[:, 1:].mean(dim=1)  # (B, D) each
+    return {"cls": cls, "avg": avg, "both": torch.cat([cls, avg], dim=1)}[features]
+
+
+def crop_features(encoder, images_u8):
+    """features_of for train_head when train_crop: each step's images freshly cropped and resized
+    (torchvision's RandomResizedCrop with crop_scale, Pillow's bicubic), mirrored where flip says."""
+    @torch.no_grad()
+    def features_of(idx, flip):
+        x = data.to_float(images_u8[idx])  # (B, 3, H, W)
+        top, left, h, w = data.crop_boxes(data.crop_flip_draws(len(idx), crop_scale, device), *x.shape[2:])
+        return encode(encoder, data.resized_crop(x, top, left, h, w, flip, x.shape[2]))
+    return features_of
 
 
 def train_head(features_of, labels, dim, num_classes, after_epoch=lambda head: None):
@@ -149,8 +173,12 @@ def probe(path, train_images, train_labels, val_images, val_labels, num_classes)
     encoder = encoder.to(device).eval()
     if compile:
         encoder = torch.compile(encoder)
-    # the two possible feature vectors of every training image: (N, 2, F), index 1 = mirrored
-    cached = torch.stack([extract_features(encoder, train_images, flip) for flip in (False, True)], dim=1)
+    train_f = extract_features(encoder, train_images)  # (N, F): the k-NN's neighbours
+    if train_crop:
+        features_of = crop_features(encoder, train_images)
+    else:  # the two possible feature vectors of every training image: (N, 2, F), index 1 = mirrored
+        cached = torch.stack([train_f, extract_features(encoder, train_images, flip=True)], dim=1)
+        features_of = lambda idx, flip: cached[idx, flip.long()]
     val_f = {view: extract_features(encoder, val_images, resize_to=view) for view in data.eval_views(eval_resize)}
     t_features = time.time() - t0
     last, best = {}, dict.fromkeys(val_f, 0.0)  # {view: (top-1, top-5)} after the last epoch; best top-1
@@ -160,17 +188,17 @@ def probe(path, train_images, train_labels, val_images, val_labels, num_classes)
             last[view] = top_k_accuracy(head(f), val_labels)
             best[view] = max(best[view], last[view][0])
 
-    train_head(lambda idx, flip: cached[idx, flip.long()], train_labels, cached.shape[2], num_classes, score_epoch)
+    train_head(features_of, train_labels, train_f.shape[1], num_classes, score_epoch)
     wall = time.time() - t0
     common = {"checkpoint": path, "pretrain_epoch": ckpt.get("epoch"), "wall_s": wall,
               "hardware": runtime.hardware(device)}
-    rows = []
+    rows, crops = [], f", crops {crop_scale[0]:g}-{crop_scale[1]:g}" if train_crop else ""
     for view, f in val_f.items():
         (top1, top5), name = last[view], data.view_label(view)
-        knn_acc = top_k_accuracy(knn_scores(cached[:, 0], train_labels, f, num_classes), val_labels)
+        knn_acc = top_k_accuracy(knn_scores(train_f, train_labels, f, num_classes), val_labels)
         print(f"{path} (pre-training epoch {ckpt.get('epoch', 0):g}){name}: linear probe top-1 {top1:.2f}% "
               f"(best {best[view]:.2f}%) top-5 {top5:.2f}% | {knn_k}-NN top-1 {knn_acc[0]:.2f}%", flush=True)
-        rows += [{**common, "method": "linear_probe", "recipe": f"{features}, {epochs} ep{name}", "top1": top1,
+        rows += [{**common, "method": "linear_probe", "recipe": f"{features}, {epochs} ep{crops}{name}", "top1": top1,
                   "top5": top5, "best_top1": best[view]},
                  {**common, "method": "knn", "recipe": f"{features}, k={knn_k}{name}", "top1": knn_acc[0],
                   "top5": knn_acc[1]}]

@@ -38,7 +38,7 @@ def pretrained(tmp_path_factory):
     return data_dir, out
 
 
-def test_cached_probe_equals_plain_probe():
+def test_cached_and_crop_probes_equal_plain_probe(monkeypatch):
     torch.manual_seed(0)
     encoder = MAE(SMALL).encoder.eval()
     images = torch.randint(0, 256, (40, 64, 64, 3), dtype=torch.uint8)
@@ -58,15 +58,46 @@ def test_cached_probe_equals_plain_probe():
     head_cached = probe.train_head(lambda idx, flip: cached[idx, flip.long()], labels, 32, 5,
                                    lambda head: modes_seen.append(head.training))
     head_plain = probe.train_head(plain, labels, 32, 5)
+    # train_crop's path with crops that always take the whole image (scale 1, the only aspect that fits
+    # is 1): each step's images go through the crop and resize, which must leave them as they are
+    monkeypatch.setattr(probe, "crop_scale", (1.0, 1.0))
+    head_crop = probe.train_head(probe.crop_features(encoder, images), labels, 32, 5)
     assert modes_seen == [False] * probe.epochs
     start = torch.nn.Linear(32, 5)
     torch.manual_seed(probe.seed)
     torch.nn.init.trunc_normal_(start.weight, std=0.01)
     moved = (head_plain[1].weight - start.weight).abs().max().item()
-    diff = (head_cached[1].weight - head_plain[1].weight).abs().max().item()
-    print(f"cached vs plain probe head: largest difference {diff:.2e} (weights moved {moved:.2e})")
-    assert moved > 1e-2 and diff < 1e-4
-    assert torch.allclose(head_cached[0].running_mean, head_plain[0].running_mean, atol=1e-4)
+    assert moved > 1e-2
+    for name, head in (("cached", head_cached), ("whole-image crops", head_crop)):
+        diff = (head[1].weight - head_plain[1].weight).abs().max().item()
+        print(f"{name} vs plain probe head: largest difference {diff:.2e} (weights moved {moved:.2e})")
+        assert diff < 1e-4
+        assert torch.allclose(head[0].running_mean, head_plain[0].running_mean, atol=1e-4)
+
+
+def test_crop_probe_trains_on_crops(monkeypatch):
+    # the crops the head trains on are each image's Pillow crop + resize from crop_boxes, mirrored where the step
+    # says: the features of a crop_scale step equal the encoder's on those crops, made independently with Pillow
+    torch.manual_seed(0)
+    encoder = MAE(SMALL).encoder.eval()
+    images = torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8)
+    for key, value in dict(device="cpu", dtype="float32", features="cls", crop_scale=(0.08, 1.0)).items():
+        monkeypatch.setattr(probe, key, value)
+    flip = torch.tensor([True, False, True, False, False, True])
+    torch.manual_seed(5)
+    got = probe.crop_features(encoder, images)(torch.arange(6), flip)
+    torch.manual_seed(5)
+    top, left, h, w = (t.tolist() for t in data.crop_boxes(data.crop_flip_draws(6, (0.08, 1.0)), 64, 64))
+    assert len({(a, b) for a, b in zip(h, w)}) > 1 and min(h) < 64  # real crops, of several sizes
+    crops = []
+    for i in range(6):
+        crop = Image.fromarray(images[i].numpy()).crop((left[i], top[i], left[i] + w[i], top[i] + h[i]))
+        crop = crop.resize((64, 64), Image.BICUBIC)
+        crops.append(np.asarray(crop.transpose(Image.FLIP_LEFT_RIGHT) if flip[i] else crop))
+    expected = encoder(data.normalize(data.to_float(torch.from_numpy(np.stack(crops)))))[:, 0]
+    diff = (got - expected).abs().max().item()
+    print(f"crop probe features against Pillow's crops: largest difference {diff:.2e}")
+    assert diff < 1e-4
 
 
 @pytest.mark.parametrize("features", ["cls", "avg", "both"])
@@ -305,6 +336,10 @@ def test_end_to_end_probe_finetune_plot_reconstruct(pretrained, tmp_path):
     assert [(r["top1"], r["top5"]) for r in rows[2:4]] == [(r["top1"], r["top5"]) for r in rows[4:6]]
     probes = [r for r in rows if r["method"] == "linear_probe"]
     assert all(r["best_top1"] >= r["top1"] for r in probes)  # the best epoch includes the last
+    run(["probe.py", f"--init={pre}/ckpt_2.pt", f"--data_dir={data_dir}", f"--out_dir={tmp_path}/crop",
+         "--device=cpu", "--dtype=float32", "--epochs=1", "--batch_size=8", "--eval_resize=0", "--train_crop=True"])
+    assert [r["recipe"] for r in map(json.loads, open(f"{tmp_path}/crop/results.jsonl"))] == \
+        ["cls, 1 ep, crops 0.08-1", "cls, k=20"]
     run(["finetune.py", "config/ft_tin.py", f"--init={pre}/ckpt_2.pt", f"--data_dir={data_dir}",
          f"--out_dir={out}/ft", "--epochs=2", "--warmup_epochs=1", "--batch_size=8", "--device=cpu",
          "--dtype=float32", "--compile=False"])
