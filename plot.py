@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import sys
+import textwrap
 
 import matplotlib
 
@@ -79,7 +80,7 @@ def save_reconstructions(rows, png_path, title):
             axes[r, b].set_xticks([])
             axes[r, b].set_yticks([])
         axes[r, 0].set_ylabel(names[r], fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, max(40, 16 * B)), fontsize=9)  # a long title would widen a narrow grid
     write_png(fig, png_path)
 
 

@@ -30,42 +30,50 @@ num_images = 8  # validation images to show when no files are given
 device = "cpu"
 seed = 0
 # -----------------------------------------------------------------------------
-args = sys.argv[1:]
-configure(globals(), [a for a in args if a.startswith("--")])
-files = [a for a in args if not a.startswith("--")]
-if not init:
-    raise SystemExit("error: no checkpoint given: --init=PATH (a pre-training checkpoint)")
-device, _, _ = runtime.setup_device(device, "float32", seed)
 
-ckpt = runtime.load_checkpoint(init)
-cfg = runtime.model_config(ckpt, init)
-model = MAE(cfg, ckpt.get("norm_pix_loss", True))
-runtime.load_weights(model, ckpt["model"], init, "an MAE with its decoder (a pre-training checkpoint)")
-model = model.to(device).eval()
 
-if files:
-    pictures = []
-    for path in files:
-        try:
-            img = Image.open(path).convert("RGB").resize((cfg.img_size, cfg.img_size), Image.BICUBIC)
-        except OSError as e:
-            raise SystemExit(f"error: cannot read image {path}: {e}")
-        pictures.append(np.asarray(img))
-    images_u8 = torch.from_numpy(np.stack(pictures)).to(device)
-else:
-    val_images, _ = data.load_split(data_dir, "val", device)
-    images_u8 = val_images[torch.linspace(0, len(val_images) - 1, num_images).long()]
-    if images_u8.shape[1] != cfg.img_size:
-        raise SystemExit(f"error: {init} was trained on {cfg.img_size}px images, {data_dir} holds "
-                         f"{images_u8.shape[1]}px ones; give image files instead")
+def load_picture(path, size):
+    """An image file as uint8 (size, size, 3), resized bicubic. Transparent parts show as on a white
+    page, as an image viewer shows them: their stored colour (often black) is not part of the picture."""
+    try:
+        img = Image.open(path)
+        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+            img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+        return np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC))
+    except OSError as e:
+        raise SystemExit(f"error: cannot read image {path}: {e}")
 
-imgs = data.normalize(data.to_float(images_u8))
-noise = torch.rand(len(imgs), cfg.num_patches, generator=torch.Generator().manual_seed(seed)).to(device)
-masked, recon, pasted = model.reconstruct(imgs, noise, mask_ratio)
-runtime.make_out_dir(out_dir)
-name = os.path.splitext(os.path.basename(init))[0]
-png = os.path.join(out_dir, f"reconstruct_{name}.png")
-plot.save_reconstructions([imgs, masked, recon, pasted], png,
-                          f"MAE reconstructions, {init} (pre-training epoch {ckpt.get('epoch', 0):g}), "
-                          f"{mask_ratio:.0%} masked")
-print(f"wrote {png}")
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    configure(globals(), [a for a in args if a.startswith("--")])
+    files = [a for a in args if not a.startswith("--")]
+    if not init:
+        raise SystemExit("error: no checkpoint given: --init=PATH (a pre-training checkpoint)")
+    device, _, _ = runtime.setup_device(device, "float32", seed)
+
+    ckpt = runtime.load_checkpoint(init)
+    cfg = runtime.model_config(ckpt, init)
+    model = MAE(cfg, ckpt.get("norm_pix_loss", True))
+    runtime.load_weights(model, ckpt["model"], init, "an MAE with its decoder (a pre-training checkpoint)")
+    model = model.to(device).eval()
+
+    if files:
+        images_u8 = torch.from_numpy(np.stack([load_picture(path, cfg.img_size) for path in files])).to(device)
+    else:
+        val_images, _ = data.load_split(data_dir, "val", device)
+        images_u8 = val_images[torch.linspace(0, len(val_images) - 1, num_images).long()]
+        if images_u8.shape[1] != cfg.img_size:
+            raise SystemExit(f"error: {init} was trained on {cfg.img_size}px images, {data_dir} holds "
+                             f"{images_u8.shape[1]}px ones; give image files instead")
+
+    imgs = data.normalize(data.to_float(images_u8))
+    noise = torch.rand(len(imgs), cfg.num_patches, generator=torch.Generator().manual_seed(seed)).to(device)
+    masked, recon, pasted = model.reconstruct(imgs, noise, mask_ratio)
+    runtime.make_out_dir(out_dir)
+    name = os.path.splitext(os.path.basename(init))[0]
+    png = os.path.join(out_dir, f"reconstruct_{name}.png")
+    plot.save_reconstructions([imgs, masked, recon, pasted], png,
+                              f"MAE reconstructions, {init} (pre-training epoch {ckpt.get('epoch', 0):g}), "
+                              f"{mask_ratio:.0%} masked")
+    print(f"wrote {png}")

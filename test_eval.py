@@ -19,6 +19,7 @@ import configurator
 import data
 import plot
 import probe
+import reconstruct
 import runtime
 import steps
 from model import MAE, Classifier, ViTConfig
@@ -357,6 +358,25 @@ def test_end_to_end_probe_finetune_plot_reconstruct(pretrained, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 80, 3), dtype=np.uint8)).save(picture)
     run(["reconstruct.py", f"--init={pre}/ckpt_2.pt", str(picture), f"--out_dir={out}"])
     assert Image.open(f"{out}/reconstruct_ckpt_2.png").size[0] > 100
+
+
+def test_reconstruct_reads_pictures_as_a_viewer_shows_them(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    expected = np.asarray(Image.fromarray(rgb).resize((16, 16), Image.BICUBIC))  # Pillow's own resize
+    assert np.array_equal(reconstruct.load_picture(tmp_path / "rgb.png", 16), expected)
+    # stored black where transparent: the left half must come out white, the opaque right half red
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)
+    rgba[:, 16:] = (255, 0, 0, 255)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    picture = reconstruct.load_picture(tmp_path / "rgba.png", 16).astype(int)
+    assert (picture[:, :6] == 255).all() and (picture[:, 10:] == (255, 0, 0)).all()
+    palette = Image.fromarray(np.zeros((32, 32), dtype=np.uint8), "P")  # every pixel index 0, index 0 transparent
+    palette.save(tmp_path / "palette.png", transparency=0)
+    assert (reconstruct.load_picture(tmp_path / "palette.png", 16) == 255).all()
+    (tmp_path / "text.jpg").write_text("not an image")
+    with pytest.raises(SystemExit, match="cannot read image .*text.jpg"):
+        reconstruct.load_picture(tmp_path / "text.jpg", 16)
 
 
 def test_figure3_keeps_runs_apart_and_shows_a_checkpoints_latest_result():
