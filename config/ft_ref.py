@@ -2,6 +2,8 @@
 # weight decay 0.05, 5 warm-up epochs, AdamW (0.9, 0.999), random resized crop (0.08-1) + flip +
 # RandAugment(2, 9) with bicubic resampling (finetune.py's default), cls token head. Its evaluation, a
 # resize to 73 and the central 64 crop, is finetune.py's second view by default (eval_resize = 73).
+# One difference from the reference's code, kept on purpose: its AdamW decays every parameter; ours,
+# as the official MAE's, leaves biases, norms and the cls token undecayed (README.md, Settings).
 out_dir = "out/ft_ref"
 recipe = "ref"
 pool = "cls"
