@@ -37,7 +37,7 @@ def load_picture(path, size):
     page, as an image viewer shows them: their stored colour (often black) is not part of the picture."""
     try:
         img = Image.open(path)
-        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        if img.has_transparency_data:
             img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
         return np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC))
     except OSError as e:
