@@ -127,8 +127,9 @@ PRECISION_BITS = 22  # Pillow's 8-bit resampling works in fixed point: weights a
 def resize_matrix(start, length, out_size, in_size):
     """(B, out_size, in_size) float64 weights that resize the span [start, start + length) of each
     image axis to out_size pixels, as Pillow's resize of the cropped image computes them: in double
-    precision, each output pixel's taps normalised to sum to one (upsampling: taps that fall outside
-    the crop are dropped), then rounded half away from zero to its fixed point."""
+    precision, each output pixel's taps normalised to sum to one (taps that fall outside the crop are
+    dropped), then rounded half away from zero to its fixed point. Upsampling only (length <= out_size,
+    as every crop and the evaluation view are): shrinking, Pillow widens the filter, which this does not."""
     start, length = start.double().view(-1, 1, 1), length.double().view(-1, 1, 1)
     f64 = dict(dtype=torch.float64, device=start.device)
     centre = (torch.arange(out_size, **f64).view(1, -1, 1) + 0.5) * (length / out_size)

@@ -232,7 +232,7 @@ class MAE(nn.Module):
     def forward_loss(self, imgs, pred, mask):
         target = patchify(imgs, self.cfg.patch_size)  # (B, L, p*p*C)
         if self.norm_pix_loss:
-            # each target patch normalised by its own mean and (unbiased) variance, as the official
+            # each target patch normalised by its own mean and (unbiased) variance, as the official forward_loss
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6) ** 0.5
