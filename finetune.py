@@ -10,7 +10,8 @@ All augmentation (crop, flip, RandAugment, random erasing, mixup/cutmix) runs on
 the device. Top-1/top-5 on the 10,000 validation images every eval_every epochs, as they are (64x64)
 and, with eval_resize > 0, also in the reference's view (resized to 73, the central 64x64 crop).
 Output in out_dir: ckpt_last.pt (resume with --resume=True), ckpt_best.pt (the best plain-view
-top-1), finetune_log.jsonl (loss and accuracy per epoch), and one line per view in results.jsonl.
+top-1), finetune_log.jsonl (loss and accuracy of each evaluated epoch), and one line per view in
+results.jsonl.
 Ctrl-C or SIGTERM saves ckpt_last.pt at the next progress line and stops there.
 """
 import json
@@ -91,26 +92,30 @@ if iters_per_epoch == 0:
 total_iters = epochs * iters_per_epoch
 lr = blr * batch_size / 256
 
-# the model: the pre-trained encoder with a new head, or all random
-pretrain_epoch = None
-if init == "scratch":
+# the model: the pre-trained encoder with a new head, or all random; a resumed run takes every weight
+# from ckpt_last.pt, so it needs no pre-training checkpoint (which may be gone by then)
+pretrain_epoch, ckpt, encoder = None, None, None
+if resume:
+    ckpt = runtime.load_checkpoint(last_path, ("model", "optimizer", "model_args", "iter_num"))
+    check_same_run(ckpt, config, last_path)
+    cfg = runtime.model_config(ckpt, last_path)
+elif init == "scratch":
     cfg = ViTConfig(img_size=train_images.shape[1])
-    model = Classifier(cfg, num_classes, pool, drop_path)
 else:
-    encoder, cfg, pre = runtime.load_encoder(init, train_images.shape[1], drop_path)
+    encoder, cfg, pre = runtime.load_encoder(init, train_images.shape[1])
     pretrain_epoch = pre.get("epoch")
-    model = Classifier(cfg, num_classes, pool, drop_path)
+    del pre
+model = Classifier(cfg, num_classes, pool, drop_path)
+if encoder is not None:
     model.encoder.load_state_dict(encoder.state_dict())
-    del encoder, pre
+    del encoder
 model = model.to(device)
 optimizer = torch.optim.AdamW(runtime.layer_decay_groups(model, weight_decay, layer_decay), lr=lr,
                               betas=(beta1, beta2), fused=device.startswith("cuda"))
 views = data.eval_views(eval_resize)
 iter_num, best_top1, train_time, epoch_loss_sum = 0, dict.fromkeys(views, 0.0), 0.0, 0.0
 last_saved = None  # the iteration ckpt_last.pt holds
-if resume:
-    ckpt = runtime.load_checkpoint(last_path, ("model", "optimizer", "model_args", "iter_num"))
-    check_same_run(ckpt, config, last_path)
+if ckpt is not None:
     model.load_state_dict(ckpt["model"])
     runtime.load_optimizer(optimizer, ckpt["optimizer"])
     iter_num, best_top1, train_time = ckpt["iter_num"], ckpt["best_top1"], ckpt["train_time"]

@@ -266,7 +266,7 @@ def load_weights(module, state, path, what):
                          f"({lines[1].strip() if len(lines) > 1 else lines[0]})")
 
 
-def load_encoder(path, img_size, drop_path=0.0):
+def load_encoder(path, img_size):
     """The pre-trained encoder of an MAE checkpoint, with (config, checkpoint); a file that is not
     one, or does not fit the data, is one clear line."""
     ckpt = load_checkpoint(path)
@@ -276,7 +276,7 @@ def load_encoder(path, img_size, drop_path=0.0):
     if any(k.startswith("head.") for k in ckpt["model"]):
         raise SystemExit(f"error: {path} is a fine-tuning checkpoint; give a pre-training one (ckpt_EPOCH.pt "
                          f"of pretrain.py)")
-    encoder = Encoder(cfg, drop_path)
+    encoder = Encoder(cfg)
     state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
     load_weights(encoder, state, path, "an encoder")
     return encoder, cfg, ckpt
