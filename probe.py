@@ -41,7 +41,7 @@ from configurator import configure
 data_dir = "data/tin"
 out_dir = "out/probe"
 init = ""  # pre-training checkpoint(s): a path, a comma-separated list or a glob
-features = "cls"  # 'cls' token (the reference's), 'avg' of the patch tokens, or 'both' concatenated
+features = "cls"  # 'cls' token (the reference's), 'avg' of the patch tokens after the final norm, or 'both'
 train_crop = False  # True: random resized crops (crop_scale) + flip, as the reference's code trains; False: flip only
 crop_scale = (0.08, 1.0)  # with train_crop: the crop's share of the image, as the reference's classification runs
 batch_size = 128

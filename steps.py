@@ -4,8 +4,8 @@ bench.py, so the benchmark times exactly the code that training runs.
 
 A step takes the global batch as uint8 (B, H, W, 3) on the device. Every process draws the random
 augmentation of the whole global batch from the RNG seeded by (seed, iteration), then augments only
-the images its slice needs: N processes train on exactly what one would, and a resumed run repeats an
-uninterrupted one.
+the images its slice needs: N processes train on exactly what one would (drop path aside: each process
+draws its own), and a resumed run repeats an uninterrupted one.
 The draws come first, eagerly (a few kernels); the pixel work that follows draws nothing, so with
 compile it is compiled too, fusing its hundreds of small ops, and still sees eager mode's numbers.
 With cuda_graph (one process on a GPU) the augmentation and the training update are each recorded
