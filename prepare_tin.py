@@ -33,6 +33,7 @@ URL = 'http://cs231n.stanford.edu/tiny-imagenet-200.zip'
 MD5 = '90528d7ca1a48142e341f4ef8d21d0de'
 SIZE = 64
 CHUNK = 500  # images per worker task: amortizes the IPC, still gives smooth progress
+OUTPUTS = {'train_images.npy', 'train_labels.npy', 'val_images.npy', 'val_labels.npy', 'meta.json'}
 
 
 class PrepError(Exception):
@@ -200,6 +201,11 @@ def prepare(args):
     out = os.path.normpath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise PrepError(f'--out={out} is a file, not a folder')
+    # the new output replaces --out whole, so --out may hold nothing but an earlier output
+    foreign = sorted(set(os.listdir(out)) - OUTPUTS) if os.path.isdir(out) else []
+    if foreign:
+        raise PrepError(f'--out={out} holds {foreign[0]}, which this script did not write: give a new folder '
+                        f'(or an earlier output of this script, to replace it)')
     classes, names, train, val = index(path, is_zip, args.classes)
 
     tmp = f'{out}.tmp-{os.getpid()}'  # built aside, renamed in only when complete
@@ -214,7 +220,11 @@ def prepare(args):
         if os.path.exists(out):
             old = f'{out}.old-{os.getpid()}'
             os.rename(out, old)
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except BaseException:  # SIGTERM or a failure between the two renames: the earlier output returns
+                os.rename(old, out)
+                raise
             shutil.rmtree(old)
         else:
             os.rename(tmp, out)

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,13 +136,28 @@ def test_src_folder_matches_zip(tmp_path, archive, members):
 def test_replaces_existing_output(tmp_path, archive):
     out = tmp_path / 'tin'
     prepare_tin.main([f'--zip={archive}', f'--out={out}', '--classes=1'])
-    (out / 'stale.txt').write_text('from an older run')
     prepare_tin.main([f'--zip={archive}', f'--out={out}'])
     a, meta = load(out)
     assert meta['num_train'] == 12 and len(a['train_images']) == 12
-    assert sorted(p.name for p in out.iterdir()) == ['meta.json', 'train_images.npy', 'train_labels.npy',
-                                                     'val_images.npy', 'val_labels.npy']
+    assert sorted(p.name for p in out.iterdir()) == sorted(prepare_tin.OUTPUTS)
     assert leftovers(out) == ['tin']
+
+@pytest.mark.parametrize('case', ['earlier output and a note', 'the archive itself'])
+def test_never_replaces_a_folder_holding_other_files(tmp_path, archive, case):
+    out = tmp_path / 'data'
+    if case == 'earlier output and a note':
+        prepare_tin.main([f'--zip={archive}', f'--out={out}', '--classes=1'])
+        source, stranger = archive, out / 'notes.txt'
+        stranger.write_text('mine')
+    else:  # python prepare_tin.py --out=data, next to the downloaded data/tiny-imagenet-200.zip
+        out.mkdir()
+        source = stranger = Path(shutil.copy(archive, out / 'tiny-imagenet-200.zip'))
+    before = sorted(p.name for p in out.iterdir())
+    r = subprocess.run([sys.executable, str(SCRIPT), f'--zip={source}', f'--out={out}'],
+                       capture_output=True, text=True, timeout=60)
+    lines = r.stderr.splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and f'--out={out} holds {stranger.name}' in lines[0], r.stderr
+    assert sorted(p.name for p in out.iterdir()) == before and leftovers(out) == ['data']
 
 def test_download(tmp_path, archive, monkeypatch, capsys):
     # a file:// URL stands in for the official one, so this runs offline
