@@ -112,15 +112,21 @@ def test_resume_after_kill_matches_uninterrupted_run(data_dir, tmp_path, sig):
 
 def test_torchrun_two_processes_train_as_one(data_dir, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    common = [*TINY, f"--data_dir={data_dir}", "--epochs=1"]
+    # an lr large enough that the weights move far more than rounding can move them; the second
+    # epoch's change (ckpt_1 to the end) is the yardstick
+    common = [*TINY, f"--data_dir={data_dir}", "--epochs=2", "--warmup_epochs=0", "--blr=0.1", "--save_every=1"]
     run(["pretrain.py", *common, f"--out_dir={one}"])
     run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain.py", *common, f"--out_dir={two}"])
-    a, b = load(os.path.join(one, "ckpt_last.pt")), load(os.path.join(two, "ckpt_last.pt"))
-    assert b["iter_num"] == a["iter_num"] == 4
-    # the same global batches, crops and masks: only the gradient sums' rounding differs
-    worst = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
-    print(f"1 process vs 2 processes: largest weight difference {worst:.2e}")
-    assert worst < 1e-4
+    a, b = load(os.path.join(one, "ckpt_last.pt"))["model"], load(os.path.join(two, "ckpt_last.pt"))["model"]
+    start = load(os.path.join(one, "ckpt_1.pt"))["model"]
+    # the same global batches, crops and masks: only the gradient sums' rounding differs. Adam divides by
+    # the gradient's size, so where a gradient is ~0 rounding can flip an update's sign: compare the whole
+    # change, not single weights (as the fine-tuning test in test_eval.py does)
+    change = torch.cat([(a[k] - start[k]).flatten() for k in a])
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in a])
+    print(f"pre-training, 1 process vs 2 processes: the weights differ by {diff.norm() / change.norm():.2e} of "
+          f"the second epoch's change {change.norm():.2e}")
+    assert change.norm() > 1e-2 and diff.norm() < 1e-2 * change.norm()
     # the logged loss is the whole batch's (the processes' mean), not rank 0's half
     log_a, log_b = ([json.loads(line)["loss"] for line in open(os.path.join(d, "log.jsonl"))] for d in (one, two))
     assert log_b == pytest.approx(log_a, rel=1e-5)
