@@ -45,7 +45,7 @@ def test_cached_and_crop_probes_equal_plain_probe(monkeypatch):
     images = torch.randint(0, 256, (40, 64, 64, 3), dtype=torch.uint8)
     labels = torch.arange(40) % 5
     probe.device, probe.dtype, probe.batch_size, probe.epochs, probe.warmup_epochs = "cpu", "float32", 8, 2, 1
-    probe.blr = 1e-2  # large enough that the heads move well away from their start
+    probe.blr = 1e-1  # large enough that the heads move well away from their start
 
     cached = torch.stack([probe.extract_features(encoder, images, flip) for flip in (False, True)], dim=1)
 
@@ -64,15 +64,14 @@ def test_cached_and_crop_probes_equal_plain_probe(monkeypatch):
     monkeypatch.setattr(probe, "crop_scale", (1.0, 1.0))
     head_crop = probe.train_head(probe.crop_features(encoder, images), labels, 32, 5)
     assert modes_seen == [False] * probe.epochs
-    start = torch.nn.Linear(32, 5)
-    torch.manual_seed(probe.seed)
-    torch.nn.init.trunc_normal_(start.weight, std=0.01)
-    moved = (head_plain[1].weight - start.weight).abs().max().item()
-    assert moved > 1e-2
+    monkeypatch.setattr(probe, "epochs", 0)  # no step: the head as every run above started it
+    start = probe.train_head(plain, labels, 32, 5)[1].weight
+    moved = (head_plain[1].weight - start).abs().max().item()
+    assert moved > 5e-3
     for name, head in (("cached", head_cached), ("whole-image crops", head_crop)):
         diff = (head[1].weight - head_plain[1].weight).abs().max().item()
         print(f"{name} vs plain probe head: largest difference {diff:.2e} (weights moved {moved:.2e})")
-        assert diff < 1e-4
+        assert diff < 1e-3 * moved
         assert torch.allclose(head[0].running_mean, head_plain[0].running_mean, atol=1e-4)
 
 
