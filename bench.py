@@ -46,7 +46,9 @@ cuda_graph = torch.cuda.is_available()  # replay each step as CUDA graphs, as pr
 attention = "auto"  # attention kernel, as in pretrain.py: e.g. 'encoder=efficient,decoder=cudnn'
 seed = 0
 # -----------------------------------------------------------------------------
-# dense bf16 tensor-core peaks, TFLOP/s: the 790 of ../shared/reference.md for Hopper cards
+# bf16 tensor-core TFLOP/s that the share of the peak divides by: for Hopper the 790 of
+# ../shared/reference.md, about 80% of the 989 dense on NVIDIA's H100 SXM and H200 datasheets (an H100
+# PCIe's is 756); for the A100 its datasheet's 312. --peak_tflops sets another.
 PEAKS = {"H100": 790.0, "H200": 790.0, "A100": 312.0}
 NUM_IMAGES, NUM_CLASSES = 100_000, 200
 # the profile's summary: GPU kernels (or CPU ops) by family, the first pattern that their name matches
@@ -120,8 +122,9 @@ def sync():
 
 
 def flops_per_image(synthetic):
-    """Forward + backward FLOPs of one image through the model (matrix products and attention;
-    the augmentation and the optimizer are a rounding error)."""
+    """Forward + backward FLOPs of one image: every matrix product of the step, the model's and its
+    attention and the augmentation's (pre-training's crop resampling: 3.1 of 2,158 MFLOP), but no
+    element-wise work."""
     images = 8
     run = build(synthetic, "float32", False, False, "auto", images)
     # the math attention backend is plain matrix products, which the counter knows on every device

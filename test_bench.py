@@ -51,24 +51,73 @@ def test_bench_reports_throughput_and_flops():
     assert len(rates) == 3 and images_per_s == sorted(rates)[1]  # the median
     ms = float(re.search(r"([0-9.]+) ms/step", result.stdout).group(1))
     assert abs(1000 * 4 / ms - images_per_s) <= 0.51  # batch 4; images/s is printed rounded to a whole number
-    # FLOPs against a count by hand of the reference model's matrix products (multiply-adds x 2),
-    # forward x 3 for forward + backward: encoder 7 blocks on 65 tokens of 256 (8 D^2 per token in the
-    # linears, 2 N^2 D in attention), the patch embedding of 64 patches, the decoder's embedding of 65
-    # tokens, 2 blocks on 257 tokens of 128, its prediction of 48 values per token
-    blocks = lambda n_blocks, N, D: n_blocks * (N * 8 * D * D + 2 * N * N * D)
-    macs = blocks(7, 65, 256) + 64 * 48 * 256 + 65 * 256 * 128 + blocks(2, 257, 128) + 257 * 128 * 48
-    gflops = float(re.search(r"([0-9.]+) GFLOP/image", result.stdout).group(1))
-    assert gflops == pytest.approx(3 * 2 * macs / 1e9, rel=5e-3)  # 2.156
+    assert float(re.search(r"([0-9.]+) GFLOP/image", result.stdout).group(1)) == round(pretrain_flops_by_hand() / 1e9, 2)
     assert "aten::" in result.stdout  # the profile table
-    # and its summary by family: every op in exactly one family, the matrix products among them
+    # and its summary by family: every op of the step (one step profiled) in exactly one family
     families = dict(re.findall(r"^  (\S.*?) +([0-9.]+) ms", result.stdout, re.MULTILINE))
     assert set(families) == set(bench.FAMILIES) | {"all"}
     total = float(families.pop("all"))
     assert float(families["matrix products"]) > 0 and float(families["attention"]) > 0
     assert abs(sum(map(float, families.values())) - total) < 0.01 * total
+    value, unit = re.search(r"Self CPU time total: ([0-9.]+)(us|ms|s)\b", result.stdout).groups()
+    assert total == pytest.approx(float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit], rel=1e-3)
     # the augmentation timed on its own is a part of the step
     share = re.search(r"augmentation alone: ([0-9.]+) ms/batch = ([0-9]+)% of the step", result.stdout)
     assert float(share.group(1)) > 0 and 0 <= int(share.group(2)) <= 100
+
+
+def pretrain_flops_by_hand():
+    """One pre-training image's FLOPs, counted by hand: the model's matrix products (multiply-adds x 2),
+    x 3 for forward + backward, except the patch embedding (x 2: its input, the pixels, needs no
+    gradient): encoder 7 blocks on 65 tokens of 256 (8 D^2 per token in the linears, 2 N^2 D in
+    attention), the patch embedding of 64 patches, the decoder's embedding of 65 tokens, 2 blocks on 257
+    tokens of 128, its prediction of 48 values per token; and the crop's resampling, two 64x64 matrices
+    applied to each channel (data.resized_crop)."""
+    blocks = lambda n_blocks, N, D: n_blocks * (N * 8 * D * D + 2 * N * N * D)
+    macs = blocks(7, 65, 256) + 65 * 256 * 128 + blocks(2, 257, 128) + 257 * 128 * 48
+    return 2 * (3 * macs + 2 * 64 * 48 * 256) + 2 * (2 * 3 * 64 * 64 * 64)
+
+
+@pytest.fixture
+def small_bench(monkeypatch):
+    """bench.py's globals for a quick in-process run: the reference model, bf16 eager on the CPU, batch 4."""
+    for name, value in dict(stage="pretrain", device="cpu", dtype="bfloat16", compile=False, cuda_graph=False,
+                            attention="auto", batch_size=4, NUM_IMAGES=64).items():
+        monkeypatch.setattr(bench, name, value)
+    return bench.synthetic_data("cpu")
+
+
+def test_flop_count_matches_a_count_by_hand(small_bench):
+    flops = bench.flops_per_image(small_bench)
+    print(f"pre-training: {flops:,.0f} FLOP/image by torch.utils.flop_counter, {pretrain_flops_by_hand():,} by hand")
+    assert flops == pretrain_flops_by_hand()
+
+
+def test_guard_stops_a_loss_beyond_its_tolerance(small_bench, monkeypatch):
+    bench.check_paths(small_bench, "CPU")  # bf16 rounding passes
+    monkeypatch.setitem(bench.LOSS_TOLERANCE, "pretrain", 1e-7)
+    with pytest.raises(SystemExit, match="the optimised path's loss is"):
+        bench.check_paths(small_bench, "CPU")
+
+
+def test_guard_stops_images_two_levels_off(small_bench, monkeypatch):
+    build = bench.build
+
+    def one_value_off(synthetic, dtype, *args, **kwargs):  # the optimised path, one value two levels off
+        run = build(synthetic, dtype, *args, **kwargs)
+        if dtype != "float32":
+            augment = run.augment
+
+            def shifted(i):
+                images, *rest = augment(i)
+                images = images.clone()
+                images.view(-1)[0] += 2 * bench.ONE_LEVEL
+                return (images, *rest)
+            run.augment = shifted
+        return run
+    monkeypatch.setattr(bench, "build", one_value_off)
+    with pytest.raises(SystemExit, match="augmentation's images differ"):
+        bench.check_paths(small_bench, "CPU")
 
 
 def family(kernel):
