@@ -90,12 +90,15 @@ def to_tensor(images):
 def test_magnitudes_match_torchvision_table():
     # torchvision's _augmentation_space(31, (40, 56)), which uses float32 torch.linspace
     n, H, W = 31, 40, 56
-    tv = {'ShearX': torch.linspace(0.0, 0.3, n), 'TranslateX': torch.linspace(0.0, 150.0 / 331.0 * W, n),
+    tv = {'ShearX': torch.linspace(0.0, 0.3, n), 'ShearY': torch.linspace(0.0, 0.3, n),
+          'TranslateX': torch.linspace(0.0, 150.0 / 331.0 * W, n),
           'TranslateY': torch.linspace(0.0, 150.0 / 331.0 * H, n), 'Rotate': torch.linspace(0.0, 30.0, n),
-          'Sharpness': torch.linspace(0.0, 0.9, n), 'Solarize': torch.linspace(255.0, 0.0, n),
-          'Posterize': 8 - (torch.arange(n) / ((n - 1) / 4)).round().int()}
+          'Brightness': torch.linspace(0.0, 0.9, n), 'Color': torch.linspace(0.0, 0.9, n),
+          'Contrast': torch.linspace(0.0, 0.9, n), 'Sharpness': torch.linspace(0.0, 0.9, n),
+          'Solarize': torch.linspace(255.0, 0.0, n), 'Posterize': 8 - (torch.arange(n) / ((n - 1) / 4)).round().int()}
     for b in range(n):
         ours = op_magnitudes(b, H, W)
+        assert set(ours) - set(tv) == {'Identity', 'AutoContrast', 'Equalize'}  # the three without a magnitude
         for name, values in tv.items():
             assert np.float32(ours[name]) == pytest.approx(values[b].item(), rel=1e-6, abs=1e-6), (name, b)
         # where an integer boundary matters (thresholds, bit counts, whole pixels) agree exactly
@@ -302,15 +305,15 @@ def test_cutmix_box_sizes_match_timm():
 
 def test_mixup_is_linear_blend():
     torch.manual_seed(0)
-    B = 64
-    x = torch.rand(B, 3, 16, 24) * 255
+    B = 20000  # enough draws to tell Beta(0.8, 0.8) from the uniform (variance 0.0962 against 0.0833)
+    x = torch.rand(B, 3, 4, 6) * 255
     y = (torch.arange(B) * 7) % 50
     assert (y != y.flip(0)).all()
     out, t = mix(x, y, 50, mixup_alpha=0.8, cutmix_alpha=0.0, mode='elem')
     assert torch.allclose(t.sum(1), torch.ones(B))
     lam = 1 - partner_weight(t, y).view(B, 1, 1, 1)
     assert torch.allclose(out, lam * x + (1 - lam) * x.flip(0), atol=1e-3)
-    assert abs(lam.var().item() - 1 / (4 * (2 * 0.8 + 1))) < 0.04  # Beta(0.8, 0.8)
+    assert abs(lam.var().item() - 1 / (4 * (2 * 0.8 + 1))) < 0.004  # Beta(0.8, 0.8)
 
 def test_mixup_cutmix_switch():
     torch.manual_seed(0)
