@@ -183,6 +183,10 @@ def index(path, is_zip, k):
     if bad:
         raise PrepError(f'{path}: {root}val/val_annotations.txt: line {bad[0] + 1} (of the non-empty ones) is not '
                         f'"file<TAB>wnid<TAB>box"')
+    unknown = [i for i, a in enumerate(ann) if a[1] not in wnids]
+    if unknown:
+        raise PrepError(f'{path}: {root}val/val_annotations.txt: line {unknown[0] + 1} (of the non-empty ones) '
+                        f'names {ann[unknown[0]][1]}, which wnids.txt does not list')
     val = [(f'{root}val/images/{f}', y) for f, y in sorted((a[0], label[a[1]]) for a in ann if a[1] in label)]
     if not val:
         raise PrepError(f'{path}: {root}val/val_annotations.txt names no image of the packed classes')

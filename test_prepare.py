@@ -215,6 +215,10 @@ def make_error_case(case, tmp_path, members):
         name = R + 'val/val_annotations.txt'
         write_zip(z, {**members, name: members[name].replace('\t', ' ')})
         return [f'--zip={z}'], 'val_annotations.txt: line 1'
+    if case == 'val annotation of an unknown class':
+        name = R + 'val/val_annotations.txt'
+        write_zip(z, {**members, name: members[name] + 'val_0.JPEG\tn09999999\t0\t0\t63\t63\n'})
+        return [f'--zip={z}'], 'names n09999999, which wnids.txt does not list'
     write_zip(z, members)
     if case == 'out is a file':
         return [f'--zip={z}'], '--out='
@@ -222,7 +226,7 @@ def make_error_case(case, tmp_path, members):
 
 ERRORS = ['missing zip', 'missing folder', 'truncated zip', 'not a zip', 'foreign zip',
           'missing wnids.txt', 'missing words.txt', 'missing val_annotations.txt',
-          'val annotations not tab-separated', 'corrupt jpeg', 'truncated jpeg', 'small image', 'classes=0',
+          'val annotations not tab-separated', 'val annotation of an unknown class', 'corrupt jpeg', 'truncated jpeg', 'small image', 'classes=0',
           'classes=4', 'out is a file']
 
 @pytest.mark.parametrize('case', ERRORS)
