@@ -31,11 +31,13 @@ WORDS = {'n00000009': 'unrelated', 'n01000001': 'aardvark', 'n01000002': 'badger
          'n01000003': 'cat', 'n09999999': 'also unrelated'}
 VAL = ['n01000002', 'n01000003', 'n01000001', 'n01000003', 'n01000001']  # wnid of val_<k>
 GRAY = f'{R}train/n01000002/images/n01000002_1.JPEG'
+CMYK = f'{R}train/n01000003/images/n01000003_2.JPEG'
 
-def jpeg(rng, gray=False, size=64):
-    shape = (size, size) if gray else (size, size, 3)
+def jpeg(rng, mode='RGB', size=64):
+    bands = len(mode)  # 'L' 1, 'RGB' 3, 'CMYK' 4
     buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, 'JPEG', quality=90)
+    Image.frombytes(mode, (size, size), rng.integers(0, 256, (size, size, bands), dtype=np.uint8).tobytes()
+                    ).save(buf, 'JPEG', quality=90)
     return buf.getvalue()
 
 def make_members():
@@ -46,7 +48,7 @@ def make_members():
         m[f'{R}train/{w}/{w}_boxes.txt'] = ''.join(f'{w}_{k}.JPEG\t0\t0\t63\t63\n' for k in range(4))
         for k in range(4):
             name = f'{R}train/{w}/images/{w}_{k}.JPEG'
-            m[name] = jpeg(rng, gray=name == GRAY)
+            m[name] = jpeg(rng, {GRAY: 'L', CMYK: 'CMYK'}.get(name, 'RGB'))
     for k, w in enumerate(VAL):
         m[f'{R}val/images/val_{k}.JPEG'] = jpeg(rng)
     m[R + 'val/val_annotations.txt'] = ''.join(  # reversed: val order must come from sorting
@@ -98,7 +100,7 @@ def test_pack_zip(tmp_path, archive, members):
         np.testing.assert_array_equal(a['train_images'][i], decode(members[name]), err_msg=name)
     for i, name in enumerate(val):
         np.testing.assert_array_equal(a['val_images'][i], decode(members[name]), err_msg=name)
-    assert Image.open(io.BytesIO(members[GRAY])).mode == 'L'
+    assert Image.open(io.BytesIO(members[GRAY])).mode == 'L' and Image.open(io.BytesIO(members[CMYK])).mode == 'CMYK'
     g = a['train_images'][train.index(GRAY)]
     assert (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all() and g.std() > 10
     assert meta == dict(classes=CLASSES, names=['aardvark', 'badger, brock', 'cat'],
