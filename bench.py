@@ -122,9 +122,9 @@ def sync():
 
 
 def flops_per_image(synthetic):
-    """Forward + backward FLOPs of one image: every matrix product of the step, the model's and its
-    attention and the augmentation's (pre-training's crop resampling: 3.1 of 2,158 MFLOP), but no
-    element-wise work."""
+    """Forward + backward FLOPs of one image: every matrix product and convolution of the step, the
+    model's and its attention and the augmentation's (the crop's resampling, 3.1 MFLOP of pre-training's
+    2,158, and fine-tuning's Sharpness filter), but no element-wise work."""
     images = 8
     run = build(synthetic, "float32", False, False, "auto", images)
     # the math attention backend is plain matrix products, which the counter knows on every device

@@ -51,7 +51,7 @@ def test_bench_reports_throughput_and_flops():
     assert len(rates) == 3 and images_per_s == sorted(rates)[1]  # the median
     ms = float(re.search(r"([0-9.]+) ms/step", result.stdout).group(1))
     assert abs(1000 * 4 / ms - images_per_s) <= 0.51  # batch 4; images/s is printed rounded to a whole number
-    assert float(re.search(r"([0-9.]+) GFLOP/image", result.stdout).group(1)) == round(pretrain_flops_by_hand() / 1e9, 2)
+    assert float(re.search(r"([0-9.]+) GFLOP/image", result.stdout).group(1)) == round(flops_by_hand("pretrain") / 1e9, 2)
     assert "aten::" in result.stdout  # the profile table
     # and its summary by family: every op of the step (one step profiled) in exactly one family
     families = dict(re.findall(r"^  (\S.*?) +([0-9.]+) ms", result.stdout, re.MULTILINE))
@@ -66,16 +66,22 @@ def test_bench_reports_throughput_and_flops():
     assert float(share.group(1)) > 0 and 0 <= int(share.group(2)) <= 100
 
 
-def pretrain_flops_by_hand():
-    """One pre-training image's FLOPs, counted by hand: the model's matrix products (multiply-adds x 2),
-    x 3 for forward + backward, except the patch embedding (x 2: its input, the pixels, needs no
-    gradient): encoder 7 blocks on 65 tokens of 256 (8 D^2 per token in the linears, 2 N^2 D in
-    attention), the patch embedding of 64 patches, the decoder's embedding of 65 tokens, 2 blocks on 257
-    tokens of 128, its prediction of 48 values per token; and the crop's resampling, two 64x64 matrices
-    applied to each channel (data.resized_crop)."""
+def flops_by_hand(stage):
+    """One image's FLOPs in a training step, counted by hand: the model's matrix products
+    (multiply-adds x 2), x 3 for forward + backward, except the patch embedding (x 2: its input, the
+    pixels, needs no gradient), and the augmentation's. Pre-training: encoder 7 blocks on 65 tokens of 256
+    (8 D^2 per token in the linears, 2 N^2 D in attention), the patch embedding of 64 patches, the
+    decoder's embedding of 65 tokens, 2 blocks on 257 tokens of 128, its prediction of 48 values per
+    token. Fine-tuning: the encoder on all 257 tokens, the head's 256 x 200. Both: the crop's resampling,
+    two 64x64 matrices applied to each channel (data.resized_crop); fine-tuning's RandAugment also
+    smooths every image for Sharpness (a 3x3 filter on the 62x62 interior) in each of its two op slots."""
     blocks = lambda n_blocks, N, D: n_blocks * (N * 8 * D * D + 2 * N * N * D)
-    macs = blocks(7, 65, 256) + 65 * 256 * 128 + blocks(2, 257, 128) + 257 * 128 * 48
-    return 2 * (3 * macs + 2 * 64 * 48 * 256) + 2 * (2 * 3 * 64 * 64 * 64)
+    crop = 2 * 2 * 3 * 64 * 64 * 64
+    if stage == "pretrain":
+        macs = blocks(7, 65, 256) + 65 * 256 * 128 + blocks(2, 257, 128) + 257 * 128 * 48
+        return 2 * (3 * macs + 2 * 64 * 48 * 256) + crop
+    macs = blocks(7, 257, 256) + 256 * 200
+    return 2 * (3 * macs + 2 * 256 * 48 * 256) + crop + 2 * (2 * 3 * 62 * 62 * 9)
 
 
 @pytest.fixture
@@ -87,10 +93,12 @@ def small_bench(monkeypatch):
     return bench.synthetic_data("cpu")
 
 
-def test_flop_count_matches_a_count_by_hand(small_bench):
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_flop_count_matches_a_count_by_hand(small_bench, monkeypatch, stage):
+    monkeypatch.setattr(bench, "stage", stage)
     flops = bench.flops_per_image(small_bench)
-    print(f"pre-training: {flops:,.0f} FLOP/image by torch.utils.flop_counter, {pretrain_flops_by_hand():,} by hand")
-    assert flops == pretrain_flops_by_hand()
+    print(f"{stage}: {flops:,.0f} FLOP/image by torch.utils.flop_counter, {flops_by_hand(stage):,} by hand")
+    assert flops == flops_by_hand(stage)
 
 
 def test_guard_stops_a_loss_beyond_its_tolerance(small_bench, monkeypatch):
