@@ -82,6 +82,9 @@ if master:
     runtime.make_out_dir(out_dir)
 log_path, last_path, best_path = (os.path.join(out_dir, f) for f in ("finetune_log.jsonl", "ckpt_last.pt",
                                                                              "ckpt_best.pt"))
+if not resume and os.path.exists(last_path):  # a fresh run would overwrite its resume point
+    raise SystemExit(f"error: {out_dir} already holds a run ({last_path}): continue it with --resume=True, "
+                     f"or give another out_dir")
 train_images, train_labels = data.load_split(data_dir, "train", device)
 val_images, val_labels = data.load_split(data_dir, "val", device)
 num_classes = data.num_classes(data_dir)

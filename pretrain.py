@@ -80,6 +80,9 @@ if init_from not in ("scratch", "resume"):
 if master:
     runtime.make_out_dir(out_dir)
 log_path, last_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "ckpt_last.pt")
+if init_from == "scratch" and os.path.exists(last_path):  # a fresh run would overwrite its resume point
+    raise SystemExit(f"error: {out_dir} already holds a run ({last_path}): continue it with --init_from=resume, "
+                     f"or give another out_dir")
 
 train_images, _ = data.load_split(data_dir, "train", device)
 val_images, _ = data.load_split(data_dir, "val", device)

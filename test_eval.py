@@ -234,6 +234,10 @@ def test_finetune_resume_after_kill_matches_uninterrupted_run(pretrained, tmp_pa
             "iter 8/12", sig)
     assert 0 < load(f"{tmp_path}/killed/ckpt_last.pt")["iter_num"] < 12
     assert not os.path.exists(f"{tmp_path}/killed/results.jsonl")  # a stopped run is not a result
+    # started afresh by mistake, it would overwrite the resume point: refused
+    result = run([*common, f"--out_dir={tmp_path}/killed"], check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "--resume=True" in lines[0], result.stderr
     # resumed without the first run's --init (it would have been recorded as 'scratch'): one clear line
     result = run([a for a in common if not a.startswith("--init=")] + [f"--out_dir={tmp_path}/killed", "--resume=True"],
                  check=False)

@@ -146,8 +146,6 @@ def test_torchrun_processes_stop_together_on_sigterm(data_dir, tmp_path):
 @pytest.mark.parametrize("refresh", [0, 1e9])
 def test_diverging_run_stops_and_keeps_last_good_state(data_dir, tmp_path, refresh):
     out = str(tmp_path / "nan")
-    os.makedirs(out)
-    open(os.path.join(out, "ckpt_last.pt"), "w").close()  # an older run's file, which the message must not name
     result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--blr=1e30",
                   "--warmup_epochs=0", "--log_interval=1", f"--save_last_every_s={refresh}"], check=False)
     assert result.returncode != 0
@@ -175,6 +173,12 @@ def test_bad_setting_is_one_clear_line(data_dir, tmp_path, setting, value):
 def test_resume_with_other_settings_is_one_clear_line(data_dir, tmp_path):
     out = str(tmp_path / "run")
     run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--epochs=1"])
+    # a fresh run into the same folder would overwrite the run's checkpoint and log: refused
+    before = open(os.path.join(out, "log.jsonl")).read()
+    result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--epochs=1"], check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "already holds a run" in lines[0], result.stderr
+    assert "--init_from=resume" in lines[0] and open(os.path.join(out, "log.jsonl")).read() == before
     # what the run's settings shape (weight decay, the batch) may not change; how often it logs may
     result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--epochs=1",
                   "--init_from=resume", "--weight_decay=0.5", "--batch_size=4"], check=False)
