@@ -189,7 +189,8 @@ for it in range(iter_num, total_iters):
         best_top1 = {view: max(best_top1[view], scores[view][0]) for view in views}
         if master:
             print(f"epoch {epochs_done}: validation " + "; ".join(
-                f"top-1 {top1:.2f}% top-5 {top5:.2f}% (best {best_top1[view]:.2f}%){data.view_label(view)}"
+                f"{f'resized to {view}' if view else 'plain'}: top-1 {top1:.2f}% top-5 {top5:.2f}% "
+                f"(best {best_top1[view]:.2f}%)"
                 for view, (top1, top5) in scores.items()), flush=True)
             row = {"epoch": epochs_done, "loss": epoch_loss_sum / iters_per_epoch}
             for view, (top1, top5) in scores.items():

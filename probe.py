@@ -68,10 +68,11 @@ def extract_features(encoder, images_u8, flip=False, resize_to=0):
     """(N, F) features of uint8 images (N, H, W, 3), mirrored when flip, resized to resize_to and
     centre-cropped when resize_to > 0 (the reference's evaluation view)."""
     out, progress = [], runtime.Progress(len(images_u8), 0, 1)
+    what = "mirrored" if flip else f"resized to {resize_to}" if resize_to else "plain"
     for i in range(0, len(images_u8), eval_batch_size):
         if progress.due(10):
-            print(f"  features: {i:,}/{len(images_u8):,} images, ETA {runtime.fmt_duration(progress.tick(i)[1])}",
-                  flush=True)
+            print(f"  features ({what}): {i:,}/{len(images_u8):,} images, "
+                  f"ETA {runtime.fmt_duration(progress.tick(i)[1])}", flush=True)
         x = data.to_float(images_u8[i:i + eval_batch_size])
         if resize_to > 0:
             x = data.resize_centre_crop(x, resize_to, x.shape[-1])
