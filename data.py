@@ -20,25 +20,35 @@ MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as the reference normalises
 STD = (0.229, 0.224, 0.225)
 
 
-def load_split(data_dir, split, device):
-    """uint8 images (N, H, W, 3) and int64 labels (N,) of 'train' or 'val', on `device`."""
+def load_split(data_dir, split, device, size=None):
+    """uint8 images (N, H, W, 3) and int64 labels (N,) of 'train' or 'val', on `device`; with size,
+    the images must be size x size (the validation images the training images' size)."""
     paths = [os.path.join(data_dir, f"{split}_{kind}.npy") for kind in ("images", "labels")]
     for path in paths:
         if not os.path.exists(path):
             raise SystemExit(f"error: {path} not found: pack the data set first with "
                              f"'python prepare_tin.py' (data_dir={data_dir!r})")
-    images, labels = (torch.from_numpy(read_array(path)) for path in paths)
-    labels = labels.long()
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(labels) != len(images):
-        raise SystemExit(f"error: {paths[0]} is not a uint8 (N, H, W, 3) array matching {paths[1]}")
-    return images.to(device), labels.to(device)
+    images, labels = (read_array(path) for path in paths)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
+        raise SystemExit(f"error: {paths[0]} is not a uint8 (N, H, H, 3) array of square RGB images")
+    if size is not None and images.shape[1] != size:
+        raise SystemExit(f"error: {paths[0]} holds {images.shape[1]}px images, the training images are {size}px")
+    classes = num_classes(data_dir)
+    if (labels.dtype.kind not in "iu" or labels.shape != images.shape[:1]
+            or len(labels) and not 0 <= labels.min() <= labels.max() < classes):
+        raise SystemExit(f"error: {paths[1]} is not one integer label in [0, {classes}) per image of {paths[0]}")
+    return torch.from_numpy(images).to(device), torch.from_numpy(labels.astype(np.int64)).to(device)
 
 
 def read_array(path):
     try:
-        return np.load(path)
-    except (OSError, ValueError) as e:  # cut short, or not an .npy file
-        raise SystemExit(f"error: cannot read {path} ({e}); pack the data set again with prepare_tin.py")
+        array = np.load(path)
+    except Exception as e:  # cut short, empty, not an .npy file: numpy raises many kinds
+        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {e}); pack the data set again with "
+                         f"prepare_tin.py")
+    if not isinstance(array, np.ndarray):  # an .npz archive under an .npy name
+        raise SystemExit(f"error: {path} is not an .npy array; pack the data set again with prepare_tin.py")
+    return array
 
 
 def num_classes(data_dir):

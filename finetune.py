@@ -86,7 +86,7 @@ if not resume and os.path.exists(last_path):  # a fresh run would overwrite its 
     raise SystemExit(f"error: {out_dir} already holds a run ({last_path}): continue it with --resume=True, "
                      f"or give another out_dir")
 train_images, train_labels = data.load_split(data_dir, "train", device)
-val_images, val_labels = data.load_split(data_dir, "val", device)
+val_images, val_labels = data.load_split(data_dir, "val", device, size=train_images.shape[1])
 num_classes = data.num_classes(data_dir)
 data.check_eval_resize(eval_resize, val_images.shape[1])
 iters_per_epoch = len(train_images) // batch_size

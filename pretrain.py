@@ -85,7 +85,7 @@ if init_from == "scratch" and os.path.exists(last_path):  # a fresh run would ov
                      f"or give another out_dir")
 
 train_images, _ = data.load_split(data_dir, "train", device)
-val_images, _ = data.load_split(data_dir, "val", device)
+val_images, _ = data.load_split(data_dir, "val", device, size=train_images.shape[1])
 if train_images.shape[1] % patch_size:
     raise SystemExit(f"error: patch_size={patch_size} does not divide the {train_images.shape[1]}px images")
 iters_per_epoch = len(train_images) // batch_size  # the last partial batch of an epoch is dropped

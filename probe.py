@@ -216,7 +216,7 @@ if __name__ == "__main__":
     device, _, _ = runtime.setup_device(device, dtype, seed)
     cuda_graph = runtime.use_cuda_graphs(cuda_graph, device, 1)
     train_images, train_labels = data.load_split(data_dir, "train", device)
-    val_images, val_labels = data.load_split(data_dir, "val", device)
+    val_images, val_labels = data.load_split(data_dir, "val", device, size=train_images.shape[1])
     data.check_eval_resize(eval_resize, val_images.shape[1])
     for key, value in (("batch_size", batch_size), ("knn_k", knn_k)):
         if value > len(train_images):

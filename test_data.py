@@ -3,8 +3,10 @@ Tests of data.py's batched augmentation against Pillow's own image operations an
 properties torchvision's RandomResizedCrop promises. Run with `python test_data.py` or pytest.
 """
 import io
+import json
 import math
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -129,6 +131,48 @@ def test_permutation_is_fresh_each_epoch_and_repeatable():
 def test_load_split_errors_name_the_file(tmp_path):
     with pytest.raises(SystemExit, match="train_images.npy not found"):
         data.load_split(str(tmp_path), "train", "cpu")
+
+
+def bad_pack(folder, case):
+    """A packed 4-class set of eight 8x8 images with one thing wrong; returns the file it is in."""
+    os.makedirs(folder)
+    images, labels = np.zeros((8, 8, 8, 3), np.uint8), np.arange(8) % 4
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump({"classes": ["a", "b", "c", "d"]}, f)
+    bad = {"empty_file": ("images", None), "npz_archive": ("images", None), "object_labels": ("labels", None),
+           "float_labels": ("labels", labels * 0.5), "label_out_of_range": ("labels", labels + 1),
+           "negative_label": ("labels", labels - 1), "labels_per_image": ("labels", labels[:7]),
+           "not_square": ("images", images[:, :, :4]), "gray_images": ("images", images[..., 0]),
+           "other_size": ("images", np.zeros((8, 16, 16, 3), np.uint8))}[case]
+    arrays = {"images": images, "labels": labels.astype(">i2")}  # big-endian labels are fine: a good case
+    if bad[1] is not None:
+        arrays[bad[0]] = bad[1]
+    for kind, array in arrays.items():
+        np.save(os.path.join(folder, f"train_{kind}.npy"), array)
+    path = os.path.join(folder, f"train_{bad[0]}.npy")
+    if case == "empty_file":
+        open(path, "w").close()
+    elif case == "npz_archive":
+        with open(path, "wb") as f:
+            np.savez(f, images=images)
+    elif case == "object_labels":
+        np.save(path, np.array(["a"] * 8, dtype=object), allow_pickle=True)
+    return path
+
+
+@pytest.mark.parametrize("case", ["empty_file", "npz_archive", "object_labels", "float_labels", "label_out_of_range",
+                                  "negative_label", "labels_per_image", "not_square", "gray_images", "other_size"])
+def test_bad_arrays_are_one_line_naming_the_file(tmp_path, case):
+    path = bad_pack(str(tmp_path / "d"), case)
+    with pytest.raises(SystemExit, match=r"^error: .*" + re.escape(path)):
+        data.load_split(str(tmp_path / "d"), "train", "cpu", size=8)
+
+
+def test_a_good_pack_loads_as_uint8_images_and_int64_labels(tmp_path):
+    bad_pack(str(tmp_path / "d"), "other_size")
+    images, labels = data.load_split(str(tmp_path / "d"), "train", "cpu")  # any square size, without size=
+    assert images.dtype == torch.uint8 and images.shape == (8, 16, 16, 3)
+    assert labels.dtype == torch.int64 and labels.tolist() == [0, 1, 2, 3] * 2
 
 
 if __name__ == "__main__":
