@@ -49,7 +49,7 @@ def configure(namespace, argv):
                 raise SystemExit(f"error: expected --key=value, got {arg!r}")
             try:
                 value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
+            except (ValueError, SyntaxError, TypeError):  # TypeError: an unhashable key, as in {[1]: 2}
                 value = text  # a bare word is a string: --device=cuda
             if type(known.get(key)) is str and type(value) is not str:
                 value = text  # --init=700 or --out_dir=1e3 still name a path
@@ -62,7 +62,11 @@ def configure(namespace, argv):
             except OSError as e:
                 raise SystemExit(f"error: cannot read config file {arg}: {e.strerror}")
             values = {}  # one namespace, so a comprehension in the file sees the file's earlier settings
-            exec(compile(code, arg, "exec"), values)
+            try:
+                exec(compile(code, arg, "exec"), values)
+            except Exception as e:  # a syntax error, an undefined name, ...: the file's own fault
+                line = getattr(e, "lineno", None) or e.__traceback__.tb_next.tb_lineno
+                raise SystemExit(f"error: config file {arg}, line {line}: {type(e).__name__}: {e}")
             for key, value in values.items():
                 if not key.startswith("_") and not isinstance(value, type(sys)):  # skip imports
                     namespace[key] = known[key] = checked(key, value, known, arg)

@@ -5,6 +5,7 @@ Run with `python test_pretrain.py` or pytest.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -250,6 +251,13 @@ def test_configurator_rejects_unknown_keys_and_wrong_types(tmp_path):
     # a config file's later settings may be computed from its earlier ones, in a comprehension too
     cfg_file.write_text("blr = 1e-3\ncrop_scale = tuple(s * blr * 1000 for s in (0.5, 1.0))\n")
     assert configure(dict(ns), [str(cfg_file)])["crop_scale"] == (0.5, 1.0)
+    # a broken config file is one line naming it and the line, not a traceback
+    for text, error in [("blr = (\n", "line 1: SyntaxError"), ("batch_size = 32\nblr = lr * 2\n", "line 2: NameError")]:
+        cfg_file.write_text(text)
+        with pytest.raises(SystemExit, match=f"^error: config file {re.escape(str(cfg_file))}, {error}"):
+            configure(dict(ns), [str(cfg_file)])
+    with pytest.raises(SystemExit, match="crop_scale .* must be tuple, got '{\\[1\\]: 2}'"):
+        configure(dict(ns), ["--crop_scale={[1]: 2}"])  # literal_eval's TypeError: a string, then the wrong type
 
 
 if __name__ == "__main__":
