@@ -132,6 +132,7 @@ elif master and os.path.exists(log_path):
 raw_model = model
 runtime.pin_attention(model, attention, device, dtype)
 model = runtime.wrap_model(model, compile, device, world_size)
+stop = runtime.StopSignal(device)  # from here on Ctrl-C and SIGTERM stop at a log point, saved
 if master:
     print(f"fine-tuning {'from scratch' if init == 'scratch' else init} ({pool} head, "
           f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters) on {len(train_images):,} "
@@ -159,7 +160,6 @@ evaluate = lambda: {view: steps.evaluate(raw_model, val_images, val_labels, batc
 window = torch.zeros(log_interval, device=device)  # losses since the last log point, read only there
 last_log, last_save, t_start = iter_num, time.time(), time.time() - train_time
 progress = runtime.Progress(total_iters, iter_num, batch_size)
-stop = runtime.StopSignal(device)
 perm, scores = None, None  # scores: {view: (top-1, top-5)} of the last evaluation
 for it in range(iter_num, total_iters):
     epoch, step = divmod(it, iters_per_epoch)
@@ -174,7 +174,7 @@ for it in range(iter_num, total_iters):
     epoch_end = into_epoch == 0
     if done - last_log < log_interval and not epoch_end:
         continue
-    losses = runtime.finite_losses(window, done - last_log, last_log, last_path, last_saved)
+    losses = runtime.finite_losses(window, done - last_log, last_log, raw_model, last_path, last_saved)
     epoch_loss_sum += sum(losses)
     last_log = done
     train_time = time.time() - t_start
@@ -209,7 +209,8 @@ for it in range(iter_num, total_iters):
     if stopping:
         break
 
-if master and stop.signum:
+stopped_early = stop.signum and last_log < total_iters  # a signal at the last log point changes nothing
+if master and stopped_early:
     print(f"{stop.name()}: stopped at iteration {last_log} of {total_iters}; continue with --resume=True")
 elif master:
     scores = scores or evaluate()  # a resumed run that had nothing left has not evaluated
@@ -223,4 +224,4 @@ elif master:
                   f"best top-1 {best_top1[view]:.2f}%")
     print(f"trained for {runtime.fmt_duration(train_time)}; results in {os.path.join(out_dir, 'results.jsonl')}")
 runtime.cleanup()
-sys.exit(stop.exit_code())
+sys.exit(stop.exit_code() if stopped_early else 0)

@@ -122,6 +122,7 @@ elif master and os.path.exists(log_path):
 raw_model = model
 runtime.pin_attention(model, attention, device, dtype)
 model = runtime.wrap_model(model, compile, device, world_size)
+stop = runtime.StopSignal(device)  # from here on Ctrl-C and SIGTERM stop at a log point, saved
 if master:
     print(f"MAE {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters "
           f"(encoder {sum(p.numel() for p in raw_model.encoder.parameters()) / 1e6:.2f}M), "
@@ -161,7 +162,6 @@ train_step = steps.make_pretrain_step(model, optimizer, num_patches=cfg.num_patc
 window = torch.zeros(log_interval, device=device)  # losses since the last log point, read only there
 last_log, last_save = iter_num, time.time()
 progress = runtime.Progress(end_iter, iter_num, batch_size)
-stop = runtime.StopSignal(device)
 perm = None
 for it in range(iter_num, end_iter):
     epoch, step = divmod(it, iters_per_epoch)
@@ -176,7 +176,7 @@ for it in range(iter_num, end_iter):
     keep = epoch_end and (epochs_done % save_every == 0 or epochs_done == epochs)  # a ckpt_{epoch}.pt
     if done - last_log < log_interval and not epoch_end and done < end_iter:
         continue
-    losses = runtime.finite_losses(window, done - last_log, last_log, last_path, last_saved)
+    losses = runtime.finite_losses(window, done - last_log, last_log, raw_model, last_path, last_saved)
     epoch_loss_sum += sum(losses)
     last_log = done
     if master:
@@ -200,9 +200,10 @@ for it in range(iter_num, end_iter):
     if stopping:
         break
 
-if master and stop.signum:
+stopped_early = stop.signum and last_log < end_iter  # a signal at the last log point changes nothing
+if master and stopped_early:
     print(f"{stop.name()}: stopped at iteration {last_log} of {end_iter}; continue with --init_from=resume")
 elif master:
     print(f"done: at iteration {last_log} of {total_iters}, checkpoints in {out_dir}")  # a resume past max_iters trains none
 runtime.cleanup()
-sys.exit(stop.exit_code())
+sys.exit(stop.exit_code() if stopped_early else 0)

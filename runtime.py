@@ -231,10 +231,16 @@ def load_checkpoint(path, needed=("model", "model_args")):
 
 
 def truncate_log(log_path, epochs_done):
-    """Forget the log lines of epochs a resumed run will train again."""
+    """Forget the log lines of epochs a resumed run will train again, and a line that a kill -9 cut short
+    while it was being written."""
+    def epoch_of(line):
+        try:
+            return json.loads(line)["epoch"]
+        except (ValueError, KeyError, TypeError):
+            return math.inf
     if os.path.exists(log_path):
         with open(log_path) as f:
-            kept = [line for line in f if json.loads(line)["epoch"] <= epochs_done]
+            kept = [line for line in f if epoch_of(line) <= epochs_done]
         with open(log_path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(log_path + ".tmp", log_path)
@@ -299,22 +305,34 @@ def hardware(device):
 # progress
 
 
-def finite_losses(window, count, first_iter, last_path, last_saved):
+def finite_losses(window, count, first_iter, model, last_path, last_saved):
     """The losses of the `count` iterations since a log point (the host's one wait for the device),
     averaged over the processes under torchrun: each holds its own slice's loss, and the slices are
-    equal, so their mean is the whole batch's. A loss that is not finite stops the run, naming its
-    iteration and the last state saved (last_saved: an iteration, or None)."""
+    equal, so their mean is the whole batch's. A loss that is not finite, or weights that are not (the
+    last update's result, which no loss has checked yet), stop the run before anything is saved,
+    saying what ckpt_last.pt holds (last_saved: the iteration it was saved at, or None)."""
     if dist.is_initialized():
         dist.all_reduce(window)
         window /= dist.get_world_size()
     losses = window[:count].tolist()
     for i, loss in enumerate(losses):
         if not math.isfinite(loss):
-            kept = (f"{last_path} keeps the last good state (iteration {last_saved})" if last_saved is not None
-                    else f"this run has not saved {os.path.basename(last_path)} yet")
-            raise SystemExit(f"error: loss is {loss} at iteration {first_iter + i}; {kept}")
+            raise SystemExit(f"error: loss is {loss} at iteration {first_iter + i}; "
+                             f"{kept_state(first_iter + i, last_path, last_saved)}")
+    if not torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all():
+        raise SystemExit(f"error: the weights are not finite after iteration {first_iter + count}; "
+                         f"{kept_state(first_iter + count, last_path, last_saved)}")
     return losses
 
+
+def kept_state(bad_iter, last_path, last_saved):
+    """What ckpt_last.pt holds when the state at iteration bad_iter (after bad_iter updates) went bad."""
+    name = os.path.basename(last_path)
+    if last_saved is None:
+        return f"this run has not saved {name} yet"
+    if last_saved < bad_iter:  # its own loss was checked: finite
+        return f"{last_path} keeps the last good state (iteration {last_saved})"
+    return f"{last_path} holds the state that gave it (iteration {last_saved}): start again with other settings"
 
 
 class StopSignal:

@@ -252,6 +252,17 @@ def test_finetune_resume_after_kill_matches_uninterrupted_run(pretrained, tmp_pa
     assert rows[0]["top1"] == rows[1]["top1"] and rows[0]["pretrain_epoch"] == rows[1]["pretrain_epoch"] == 2.0
 
 
+def test_a_stop_asked_at_the_last_log_point_still_gives_the_results(pretrained, tmp_path):
+    # one epoch, one log point (its last iteration): the run is complete when it sees the signal
+    data_dir, pre = pretrained
+    rest = kill_at(["finetune.py", f"--init={pre}/ckpt_2.pt", f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
+                    "--epochs=1", "--warmup_epochs=0", "--batch_size=8", "--device=cpu", "--dtype=float32",
+                    "--compile=False", "--log_interval=100"], "M parameters) on", signal.SIGTERM, status=0)
+    assert "stopped at" not in rest and "done: final top-1" in rest, rest
+    assert len(open(f"{tmp_path}/results.jsonl").readlines()) == 2  # the plain view and the reference's
+    assert load(f"{tmp_path}/ckpt_last.pt")["iter_num"] == len(np.load(f"{data_dir}/train_labels.npy")) // 8
+
+
 @pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "wrong_architecture", "wrong_image_size",
                                   "fine_tuning_checkpoint"])
 def test_bad_init_is_one_clear_line(pretrained, tmp_path, case):
