@@ -113,12 +113,15 @@ RESUME_FREE = {"data_dir", "out_dir", "init_from", "resume", "log_interval", "sa
                "max_iters", "eval_every", "eval_batch_size", "device", "dtype", "compile", "cuda_graph", "attention"}
 
 
-def check_same_run(ckpt, config, path):
+def check_same_run(ckpt, config, path, num_train):
     """A resumed run must go on as the run that wrote the checkpoint: every other setting must be the
-    checkpoint's, or the schedule, the optimizer or the results would silently mix two runs."""
+    checkpoint's, and data_dir (which may move) must hold as many training images, or the schedule, the
+    optimizer or the results would silently mix two runs."""
     saved = ckpt.get("config", {})
     changed = [f"{key}={config[key]!r} (the checkpoint's: {saved[key]!r})" for key in config
                if key not in RESUME_FREE and key in saved and saved[key] != config[key]]
+    if ckpt.get("num_train", num_train) != num_train:
+        changed.append(f"{num_train:,} training images in data_dir (the checkpoint's: {ckpt['num_train']:,})")
     if changed:
         raise SystemExit(f"error: {path} was made with other settings: {', '.join(changed)}; resume with the "
                          f"settings (config file and flags) of the run that made it, or start a new out_dir")

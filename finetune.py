@@ -100,7 +100,7 @@ lr = blr * batch_size / 256
 pretrain_epoch, ckpt, encoder = None, None, None
 if resume:
     ckpt = runtime.load_checkpoint(last_path, ("model", "optimizer", "model_args", "iter_num"))
-    check_same_run(ckpt, config, last_path)
+    check_same_run(ckpt, config, last_path, len(train_images))
     cfg = runtime.model_config(ckpt, last_path)
 elif init == "scratch":
     cfg = ViTConfig(img_size=train_images.shape[1])
@@ -142,7 +142,7 @@ if master:
 
 def save_checkpoint(path, done):
     runtime.save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "model_args": asdict(cfg), "iter_num": done, "best_top1": best_top1,
+                         "model_args": asdict(cfg), "num_train": len(train_images), "iter_num": done, "best_top1": best_top1,
                          "train_time": train_time, "epoch_loss_sum": epoch_loss_sum,
                          "pretrain_epoch": pretrain_epoch, "config": config}, path)
 

@@ -99,7 +99,7 @@ lr = blr * batch_size / 256
 ckpt = None
 if init_from == "resume":
     ckpt = runtime.load_checkpoint(last_path, ("model", "optimizer", "model_args", "iter_num"))
-    check_same_run(ckpt, config, last_path)
+    check_same_run(ckpt, config, last_path, len(train_images))
     cfg = runtime.model_config(ckpt, last_path)
 else:
     cfg = ViTConfig(img_size=train_images.shape[1], patch_size=patch_size, embed_dim=embed_dim, depth=depth,
@@ -138,7 +138,7 @@ picture_noise = torch.rand(8, cfg.num_patches, generator=torch.Generator().manua
 def save_checkpoint(path, done, epoch_loss_sum):
     # the RNG needs no saving: every step re-seeds it from (seed, iteration)
     runtime.save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "model_args": asdict(cfg), "norm_pix_loss": norm_pix_loss, "iter_num": done,
+                         "model_args": asdict(cfg), "num_train": len(train_images), "norm_pix_loss": norm_pix_loss, "iter_num": done,
                          "epoch": done / iters_per_epoch, "epoch_loss_sum": epoch_loss_sum,
                          "config": config}, path)
 

@@ -243,6 +243,12 @@ def test_finetune_resume_after_kill_matches_uninterrupted_run(pretrained, tmp_pa
                  check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and "init='scratch' (the checkpoint's: " in lines[0], result.stderr
+    # resumed on a data_dir that holds another training set: its schedule would silently change
+    other = make_data(tmp_path / "other", n_train=16)
+    result = run([*common, f"--out_dir={tmp_path}/killed", "--resume=True", f"--data_dir={other}"], check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "16 training images in data_dir (the checkpoint's: " \
+        in lines[0], result.stderr
     os.remove(init)
     run([*common, f"--out_dir={tmp_path}/killed", "--resume=True"])
     a, b = load(f"{tmp_path}/whole/ckpt_last.pt"), load(f"{tmp_path}/killed/ckpt_last.pt")
