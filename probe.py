@@ -110,7 +110,8 @@ def train_head(features_of, labels, dim, num_classes, after_epoch=lambda head: N
     nn.init.trunc_normal_(head[1].weight, std=0.01)  # as the official linear probe
     nn.init.zeros_(head[1].bias)
     lr = blr * batch_size / 256
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
+    # no decay on the bias, as README's settings say (and the official probe's LARS skips 1-D parameters)
+    optimizer = torch.optim.AdamW(runtime.param_groups(head, weight_decay), lr=lr, betas=(beta1, beta2),
                                   fused=device.startswith("cuda"))
 
     def head_step(idx):
