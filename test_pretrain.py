@@ -185,6 +185,77 @@ def test_divergence_guard_checks_the_losses_and_the_last_update():
         runtime.finite_losses(window, 2, 10, model, "p", 10)
 
 
+@pytest.mark.parametrize("setting, value", [("log_interval", "0"), ("save_every", "0"), ("batch_size", "0"),
+                                            ("crop_scale", "(1.0,0.2)"), ("crop_scale", "(0.2,)"),
+                                            ("mask_ratio", "1.5"), ("warmup_epochs", "-1"), ("embed_dim", "30"),
+                                            ("beta2", "1.0")])
+def test_bad_setting_is_one_clear_line(data_dir, tmp_path, setting, value):
+    result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", f"--{setting}={value}"],
+                 check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: {setting}="), result.stderr
+
+
+def test_resume_with_other_settings_is_one_clear_line(data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--epochs=1"])
+    # a fresh run into the same folder would overwrite the run's checkpoint and log: refused
+    before = open(os.path.join(out, "log.jsonl")).read()
+    result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--epochs=1"], check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "already holds a run" in lines[0], result.stderr
+    assert "--init_from=resume" in lines[0] and open(os.path.join(out, "log.jsonl")).read() == before
+    # what the run's settings shape (weight decay, the batch) may not change; how often it logs may
+    result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--epochs=1",
+                  "--init_from=resume", "--weight_decay=0.5", "--batch_size=4"], check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "weight_decay=0.5 (the checkpoint's: 0.15)" in lines[0] and "batch_size=4 (the checkpoint's: 8)" in lines[0]
+    result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--epochs=1",
+                  "--init_from=resume", "--log_interval=3"])
+    assert "done: at iteration 4 of 4" in result.stdout  # the run had ended: nothing left to train
+
+
+def test_schedule_is_the_official_per_iteration_warmup_cosine():
+    import math
+    from runtime import cosine_lr
+    lr, warmup_epochs, epochs, per_epoch = 2e-3, 20, 1200, 390
+    for it in [0, 1, 389, 7799, 7800, 7801, 200_000, 467_999]:
+        epoch = it / per_epoch  # models_mae's lr_sched.adjust_learning_rate, with fractional epochs
+        if epoch < warmup_epochs:
+            expected = lr * epoch / warmup_epochs
+        else:
+            expected = lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+        assert cosine_lr(it, lr, warmup_epochs * per_epoch, epochs * per_epoch) == pytest.approx(expected, abs=1e-12)
+
+
+def test_cuda_graph_run_state_resumes_in_a_plain_run():
+    # a CUDA-graph run's optimizer keeps its lr as a device tensor and capturable=True; the state dict
+    # of such a run (made here by hand, on the CPU) must load into an ordinary optimizer and step it
+    from runtime import load_optimizer
+    param = torch.nn.Parameter(torch.ones(4))
+    graph_run = torch.optim.AdamW([param], lr=0.1)
+    param.grad = torch.ones(4)
+    graph_run.step()
+    state = graph_run.state_dict()
+    state["param_groups"][0].update(lr=torch.tensor(0.05), capturable=True)
+    plain = torch.optim.AdamW([param], lr=0.1)
+    load_optimizer(plain, state)
+    group = plain.param_groups[0]
+    assert group["lr"] == pytest.approx(0.05) and type(group["lr"]) is float and group["capturable"] is False
+    plain.step()  # a tensor lr or capturable=True would raise here on the CPU
+    assert torch.allclose(plain.state[param]["exp_avg"], torch.full((4,), 0.9 * 0.1 + 0.1))  # the moments came along
+
+
+@pytest.mark.parametrize("script", ["pretrain.py", "probe.py", "finetune.py"])
+def test_cuda_graph_on_the_cpu_is_one_clear_error(script, tmp_path):
+    # the setting is checked before any data or checkpoint is read
+    result = run([script, "--device=cpu", "--cuda_graph=True", f"--out_dir={tmp_path}"]
+                 + (["--init=ckpt.pt"] if script == "probe.py" else []), check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == "error: cuda_graph=True needs a CUDA device, not device='cpu'"
+
+
 def test_configurator_rejects_unknown_keys_and_wrong_types(tmp_path):
     ns = {"batch_size": 256, "blr": 5e-4, "device": "cpu", "compile": True, "crop_scale": (0.2, 1.0)}
     config = configure(ns, ["--batch_size=64", "--blr=1", "--device=cuda", "--compile=False", "--crop_scale=[0.5,1]"])
