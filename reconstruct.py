@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import data
 import plot
@@ -33,10 +33,14 @@ seed = 0
 
 
 def load_picture(path, size):
-    """An image file as uint8 (size, size, 3), resized bicubic. Transparent parts show as on a white
-    page, as an image viewer shows them: their stored colour (often black) is not part of the picture."""
+    """An image file as uint8 (size, size, 3), resized bicubic, the way an image viewer shows it: turned
+    upright as its EXIF orientation says (phone photos are stored sideways), 16-bit values brought to 8
+    bits (Pillow's own conversion clips them), and transparent parts on a white page (their stored colour,
+    often black, is not part of the picture)."""
     try:
-        img = Image.open(path)
+        img = ImageOps.exif_transpose(Image.open(path))
+        if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale: 0..65535
+            img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
         if img.has_transparency_data:
             img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
         return np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC))
@@ -52,8 +56,7 @@ if __name__ == "__main__":
         raise SystemExit("error: no checkpoint given: --init=PATH (a pre-training checkpoint)")
     device, _, _ = runtime.setup_device(device, "float32", seed)
 
-    ckpt = runtime.load_checkpoint(init)
-    cfg = runtime.model_config(ckpt, init)
+    ckpt, cfg = runtime.load_pretrained(init)
     model = MAE(cfg, ckpt.get("norm_pix_loss", True))
     runtime.load_weights(model, ckpt["model"], init, "an MAE with its decoder (a pre-training checkpoint)")
     model = model.to(device).eval()

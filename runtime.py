@@ -218,6 +218,8 @@ def save_atomic(obj, path):
 
 def load_checkpoint(path, needed=("model", "model_args")):
     """A checkpoint dict, or one clear line naming what is wrong with the file."""
+    if os.path.isdir(path):
+        raise SystemExit(f"error: {path} is a folder, not a checkpoint file")
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint {path} not found")
     try:
@@ -272,16 +274,23 @@ def load_weights(module, state, path, what):
                          f"({lines[1].strip() if len(lines) > 1 else lines[0]})")
 
 
-def load_encoder(path, img_size):
-    """The pre-trained encoder of an MAE checkpoint, with (config, checkpoint); a file that is not
-    one, or does not fit the data, is one clear line."""
+def load_pretrained(path):
+    """A pre-training checkpoint and its model config; a fine-tuning checkpoint, or any other file, is
+    one clear line."""
     ckpt = load_checkpoint(path)
     cfg = model_config(ckpt, path)
-    if cfg.img_size != img_size:
-        raise SystemExit(f"error: {path} was trained on {cfg.img_size}px images, the data are {img_size}px")
     if any(k.startswith("head.") for k in ckpt["model"]):
         raise SystemExit(f"error: {path} is a fine-tuning checkpoint; give a pre-training one (ckpt_EPOCH.pt "
                          f"of pretrain.py)")
+    return ckpt, cfg
+
+
+def load_encoder(path, img_size):
+    """The pre-trained encoder of an MAE checkpoint, with (config, checkpoint); a file that is not
+    one, or does not fit the data, is one clear line."""
+    ckpt, cfg = load_pretrained(path)
+    if cfg.img_size != img_size:
+        raise SystemExit(f"error: {path} was trained on {cfg.img_size}px images, the data are {img_size}px")
     encoder = Encoder(cfg)
     state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
     load_weights(encoder, state, path, "an encoder")

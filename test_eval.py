@@ -269,12 +269,18 @@ def test_a_stop_asked_at_the_last_log_point_still_gives_the_results(pretrained, 
     assert load(f"{tmp_path}/ckpt_last.pt")["iter_num"] == len(np.load(f"{data_dir}/train_labels.npy")) // 8
 
 
-@pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "wrong_architecture", "wrong_image_size",
-                                  "fine_tuning_checkpoint"])
+BAD_INIT = {"missing": "not found", "a_folder": "is a folder, not a checkpoint file",
+            "not_a_checkpoint": "is not a checkpoint", "wrong_architecture": "does not hold",
+            "wrong_image_size": "px images", "fine_tuning_checkpoint": "is a fine-tuning checkpoint; give a pre-training one"}
+
+
+@pytest.mark.parametrize("case", list(BAD_INIT))
 def test_bad_init_is_one_clear_line(pretrained, tmp_path, case):
     data_dir, pre = pretrained
     path = str(tmp_path / "bad.pt")
-    if case == "not_a_checkpoint":
+    if case == "a_folder":
+        os.makedirs(path)
+    elif case == "not_a_checkpoint":
         Image.new("RGB", (8, 8)).save(path, format="PNG")
     elif case in ("wrong_architecture", "wrong_image_size"):
         ckpt = load(f"{pre}/ckpt_2.pt")
@@ -295,6 +301,7 @@ def test_bad_init_is_one_clear_line(pretrained, tmp_path, case):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:") and path in lines[0], \
             (script, result.stderr)
+        assert BAD_INIT[case] in lines[0], (script, lines[0])
 
 
 @pytest.mark.parametrize("case", ["truncated_images", "no_class_list", "out_dir_under_a_file", "batch_too_large",
@@ -396,6 +403,18 @@ def test_reconstruct_reads_pictures_as_a_viewer_shows_them(tmp_path):
     palette = Image.fromarray(np.zeros((32, 32), dtype=np.uint8), "P")  # every pixel index 0, index 0 transparent
     palette.save(tmp_path / "palette.png", transparency=0)
     assert (reconstruct.load_picture(tmp_path / "palette.png", 16) == 255).all()
+    # a photo stored sideways with EXIF orientation 6 ("turn 90 degrees clockwise to view") shows upright
+    upright = Image.fromarray(rgb)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.png", exif=exif)
+    assert np.array_equal(reconstruct.load_picture(tmp_path / "sideways.png", 16), expected)
+    # 16-bit greyscale (0..65535) scaled to 8 bits, not clipped to white
+    wide = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "grey16.png")
+    eight = np.round(wide / 257).astype(np.uint8)
+    expected = np.asarray(Image.fromarray(eight).convert("RGB").resize((16, 16), Image.BICUBIC))
+    assert np.array_equal(reconstruct.load_picture(tmp_path / "grey16.png", 16), expected)
     (tmp_path / "text.jpg").write_text("not an image")
     with pytest.raises(SystemExit, match="cannot read image .*text.jpg"):
         reconstruct.load_picture(tmp_path / "text.jpg", 16)
