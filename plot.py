@@ -5,8 +5,8 @@ Figures of the report, from what the stage scripts write:
 
 finds every pre-training log (log.jsonl) and evaluation results file (results.jsonl) under out_dir
 and writes out_dir/fig2_loss.png (pre-training loss per epoch), out_dir/fig3_accuracy.png (top-1
-against pre-training epoch, one line per pre-training run, method and recipe) and prints the results
-as a Markdown table. pretrain.py also calls plot_loss and save_reconstructions at each checkpoint.
+against pre-training epoch, one line per pre-training run, method and recipe; a fine-tuning from scratch
+as a dashed level) and prints the results as a Markdown table. pretrain.py also calls plot_loss and save_reconstructions at each checkpoint.
 """
 import glob
 import json
@@ -95,11 +95,20 @@ def accuracy_lines(results):
     return {line: sorted(points.items()) for line, points in sorted(lines.items())}
 
 
+def scratch_baselines(results):
+    """{"method (recipe)": top-1} of the runs without pre-training (finetune.py --init=scratch), the latest of each."""
+    return {f"{r['method']} ({r['recipe']})": r["top1"] for r in results if r["pretrain_epoch"] is None}
+
+
 def plot_accuracy(results, png_path):
-    """Figure 3: top-1 against pre-training epoch, one line per pre-training run, method and recipe."""
+    """Figure 3: top-1 against pre-training epoch, one line per pre-training run, method and recipe;
+    a fine-tuning from scratch is a dashed level: what pre-training has to beat."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (run, method, recipe), points in accuracy_lines(results).items():
+    lines = accuracy_lines(results)
+    for (run, method, recipe), points in lines.items():
         ax.plot(*zip(*points), marker="o", label=f"{run}: {method} ({recipe})")
+    for i, (what, top1) in enumerate(scratch_baselines(results).items(), start=len(lines)):
+        ax.axhline(top1, linestyle="--", color=f"C{i % 10}", label=f"no pre-training: {what}")
     ax.set(xlabel="pre-training epoch", ylabel="validation top-1 (%)", title="Tiny ImageNet, ViT-Lite MAE")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the plot: it never hides a point
@@ -136,9 +145,10 @@ def main(argv):
         plot_loss(logs, os.path.join(out_dir, "fig2_loss.png"))
         print(f"wrote {os.path.join(out_dir, 'fig2_loss.png')} from {len(logs)} log(s)")
     results = [r for path in result_files for r in read_jsonl(path, RESULT_KEYS)]
-    if results:
+    if accuracy_lines(results) or scratch_baselines(results):
         plot_accuracy(results, os.path.join(out_dir, "fig3_accuracy.png"))
         print(f"wrote {os.path.join(out_dir, 'fig3_accuracy.png')} from {len(results)} result(s)\n")
+    if results:
         print(markdown_table(results))
 
 

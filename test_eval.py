@@ -429,6 +429,8 @@ def test_figure3_keeps_runs_apart_and_shows_a_checkpoints_latest_result():
     assert plot.accuracy_lines(results) == {("out/tin", "finetune", "cls"): [(100, 60.0)],
                                             ("out/tin", "linear_probe", "cls"): [(100, 28.5), (200, 30.0)],
                                             ("out/tin_cpu", "linear_probe", "cls"): [(6, 40.0)]}
+    # the fine-tuning from scratch is no point on a line: a level of its own
+    assert plot.scratch_baselines(results + [row("scratch", None, 51.0, "finetune")]) == {"finetune (cls)": 51.0}
 
 
 def test_plot_errors_are_one_line_and_leave_no_temp_file(tmp_path):
