@@ -3,6 +3,7 @@ The small pieces every stage script shares: devices and torchrun, mixed precisio
 cosine schedule, AdamW parameter groups, checkpoints written atomically and read with clear errors,
 progress lines with an ETA, and a clean stop on Ctrl-C or SIGTERM.
 """
+import atexit
 import json
 import math
 import os
@@ -298,10 +299,26 @@ def load_encoder(path, img_size):
 
 
 def make_out_dir(path):
+    """Make out_dir (and its missing parents) early, so that a path that cannot be made fails before any
+    work; the folders made here are removed at exit if the run wrote nothing into them (a start that
+    failed on a bad input leaves no empty folder behind)."""
+    made, parent = [], os.path.abspath(path)
+    while parent and not os.path.exists(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"error: cannot make out_dir={path!r}: {e.strerror}")
+    atexit.register(remove_empty, made)  # deepest first
+
+
+def remove_empty(folders):
+    for folder in folders:
+        try:
+            os.rmdir(folder)  # only if empty
+        except OSError:
+            return
 
 
 def hardware(device):

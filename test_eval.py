@@ -302,6 +302,7 @@ def test_bad_init_is_one_clear_line(pretrained, tmp_path, case):
         assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:") and path in lines[0], \
             (script, result.stderr)
         assert BAD_INIT[case] in lines[0], (script, lines[0])
+        assert not os.path.exists(f"{tmp_path}/o"), script  # a failed start leaves no empty out_dir behind
 
 
 @pytest.mark.parametrize("case", ["truncated_images", "no_class_list", "out_dir_under_a_file", "batch_too_large",
