@@ -142,8 +142,8 @@ if master:
 
 def save_checkpoint(path, done):
     runtime.save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "model_args": asdict(cfg), "num_train": len(train_images), "iter_num": done, "best_top1": best_top1,
-                         "train_time": train_time, "epoch_loss_sum": epoch_loss_sum,
+                         "model_args": asdict(cfg), "num_train": len(train_images), "iter_num": done,
+                         "best_top1": best_top1, "train_time": train_time, "epoch_loss_sum": epoch_loss_sum,
                          "pretrain_epoch": pretrain_epoch, "config": config}, path)
 
 

@@ -6,7 +6,8 @@ Figures of the report, from what the stage scripts write:
 finds every pre-training log (log.jsonl) and evaluation results file (results.jsonl) under out_dir
 and writes out_dir/fig2_loss.png (pre-training loss per epoch), out_dir/fig3_accuracy.png (top-1
 against pre-training epoch, one line per pre-training run, method and recipe; a fine-tuning from scratch
-as a dashed level) and prints the results as a Markdown table. pretrain.py also calls plot_loss and save_reconstructions at each checkpoint.
+as a dashed level) and prints the results as a Markdown table. pretrain.py also calls plot_loss and
+save_reconstructions at each checkpoint.
 """
 import glob
 import json

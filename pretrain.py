@@ -138,8 +138,8 @@ picture_noise = torch.rand(8, cfg.num_patches, generator=torch.Generator().manua
 def save_checkpoint(path, done, epoch_loss_sum):
     # the RNG needs no saving: every step re-seeds it from (seed, iteration)
     runtime.save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "model_args": asdict(cfg), "num_train": len(train_images), "norm_pix_loss": norm_pix_loss, "iter_num": done,
-                         "epoch": done / iters_per_epoch, "epoch_loss_sum": epoch_loss_sum,
+                         "model_args": asdict(cfg), "num_train": len(train_images), "norm_pix_loss": norm_pix_loss,
+                         "iter_num": done, "epoch": done / iters_per_epoch, "epoch_loss_sum": epoch_loss_sum,
                          "config": config}, path)
 
 

@@ -271,7 +271,8 @@ def test_a_stop_asked_at_the_last_log_point_still_gives_the_results(pretrained, 
 
 BAD_INIT = {"missing": "not found", "a_folder": "is a folder, not a checkpoint file",
             "not_a_checkpoint": "is not a checkpoint", "wrong_architecture": "does not hold",
-            "wrong_image_size": "px images", "fine_tuning_checkpoint": "is a fine-tuning checkpoint; give a pre-training one"}
+            "wrong_image_size": "px images",
+            "fine_tuning_checkpoint": "is a fine-tuning checkpoint; give a pre-training one"}
 
 
 @pytest.mark.parametrize("case", list(BAD_INIT))
