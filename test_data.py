@@ -106,17 +106,20 @@ def test_crop_flip_mirrors_about_half():
     assert 0.45 < mirrored.float().mean() < 0.55
 
 
-def test_resize_centre_crop_equals_pillow():
+@pytest.mark.parametrize("size, offset", [(73, 4), (75, 6)])  # torchvision's int(round(4.5)), int(round(5.5))
+def test_resize_centre_crop_equals_pillow(size, offset):
     images = sample_images(64)
-    ours = data.resize_centre_crop(data.to_float(torch.from_numpy(images)), 73, 64)
-    ref = torch.stack([torch.from_numpy(np.array(Image.fromarray(img).resize((73, 73), Image.BICUBIC).crop((4, 4, 68, 68))))
+    ours = data.resize_centre_crop(data.to_float(torch.from_numpy(images)), size, 64)
+    box = (offset, offset, offset + 64, offset + 64)
+    ref = torch.stack([torch.from_numpy(np.array(Image.fromarray(img).resize((size, size), Image.BICUBIC).crop(box)))
                        .permute(2, 0, 1).float() for img in images])
     assert torch.equal(ours, ref), f"largest difference {(ours - ref).abs().max().item()}"
 
 
 def test_normalize_is_imagenet_statistics():
     x = torch.rand(2, 3, 5, 5) * 255
-    expected = (x / 255 - torch.tensor(data.MEAN).view(1, 3, 1, 1)) / torch.tensor(data.STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # torchvision's, R G B
+    expected = (x / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     assert torch.allclose(data.normalize(x), expected, atol=1e-5)
 
 

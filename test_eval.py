@@ -136,6 +136,51 @@ def test_knn_matches_plain_loop():
         assert np.allclose(scores[i].numpy(), expected, rtol=1e-4)
 
 
+def test_top5_counts_a_label_anywhere_among_the_five_best_scores():
+    # each row's label sits at a known rank of its scores: 1, 3, 7 (a miss) and 5
+    scores = torch.tensor([[9., 8, 7, 6, 5, 4, 3], [1, 2, 3, 4, 5, 6, 7], [7, 6, 5, 4, 3, 2, 1], [0, 9, 8, 7, 6, 1, 2]])
+    labels = torch.tensor([0, 4, 6, 6])
+    ranks = [sorted(range(7), key=lambda c: -scores[r, c].item()).index(labels[r].item()) for r in range(4)]
+    assert ranks == [0, 2, 6, 4]
+    expected = (100 * sum(r == 0 for r in ranks) / 4, 100 * sum(r < 5 for r in ranks) / 4)  # (25.0, 75.0)
+    assert probe.top_k_accuracy(scores, labels) == expected
+
+    class Lookup(torch.nn.Module):  # image i (every pixel 10 * i) scores as row i
+        def forward(self, x):
+            value = (x[:, 0, 0, 0] * data.STD[0] + data.MEAN[0]) * 255
+            return scores[(value / 10).round().long()]
+    images = (torch.arange(4) * 10).view(4, 1, 1, 1).expand(4, 8, 8, 3).to(torch.uint8)
+    got = steps.evaluate(Lookup(), images, labels, batch_size=3, device="cpu", dtype="float32")  # two batches
+    assert got == pytest.approx(expected)
+
+
+def test_probe_trains_on_each_images_plain_and_mirrored_features(pretrained, monkeypatch, tmp_path):
+    # what probe.probe hands train_head: for each step's images, the encoder's features of the image as it
+    # is, or mirrored (by Pillow) where the step's flip says
+    data_dir, pre = pretrained
+    for key, value in dict(device="cpu", dtype="float32", features="cls", out_dir=str(tmp_path)).items():
+        monkeypatch.setattr(probe, key, value)
+    handed = []
+
+    def train_head(features_of, labels, dim, num_classes, after_epoch):
+        handed.append(features_of)
+        head = torch.nn.Sequential(torch.nn.BatchNorm1d(dim, affine=False), torch.nn.Linear(dim, num_classes)).eval()
+        after_epoch(head)
+        return head
+    monkeypatch.setattr(probe, "train_head", train_head)
+    (train_x, train_y), (val_x, val_y) = (data.load_split(data_dir, split, "cpu") for split in ("train", "val"))
+    probe.probe(f"{pre}/ckpt_2.pt", train_x, train_y, val_x, val_y, 4)
+    encoder = runtime.load_encoder(f"{pre}/ckpt_2.pt", 64)[0].eval()
+    idx, flip = torch.tensor([5, 0, 7, 3]), torch.tensor([True, False, False, True])
+    pictures = [Image.fromarray(train_x[i].numpy()) for i in idx]
+    pictures = [p.transpose(Image.FLIP_LEFT_RIGHT) if f else p for p, f in zip(pictures, flip)]
+    with torch.no_grad():
+        expected = encoder(data.normalize(data.to_float(torch.from_numpy(np.stack(pictures)))))[:, 0]
+    diff = (handed[0](idx, flip) - expected).abs().max().item()
+    print(f"the probe's cached features against the encoder on Pillow's mirrored images: largest difference {diff:.2e}")
+    assert diff < 1e-4
+
+
 def test_layer_decay_rates_per_block():
     model = Classifier(ViTConfig(depth=7), num_classes=10, pool="avg")
     groups = runtime.layer_decay_groups(model, weight_decay=0.05, layer_decay=0.75)

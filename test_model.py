@@ -248,6 +248,12 @@ def test_drop_path_only_in_training():
     assert not torch.equal(a, b)
     rates = [blk.drop_path for blk in clf.encoder.blocks]
     assert rates == [0.0, 0.5]  # grows linearly with depth
+    # each sample's branch is dropped whole or kept and scaled by 1 / keep, so its mean is unchanged
+    block = clf.encoder.blocks[1]
+    out = block.stochastic_depth(torch.ones(100_000, 3, 4))
+    per_sample = out[:, 0, 0]
+    assert (out == per_sample[:, None, None]).all() and set(per_sample.unique().tolist()) == {0.0, 2.0}
+    assert abs(per_sample.mean().item() - 1.0) < 0.01  # 100,000 coin flips: standard error 0.003
 
 
 def test_pinned_attention_kernels_run_in_each_part():

@@ -16,6 +16,7 @@ import torch
 
 import runtime
 from configurator import configure
+from model import MAE, ViTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--patch_size=8", "--embed_dim=32", "--depth=1", "--num_heads=2", "--decoder_embed_dim=32",
@@ -254,6 +255,28 @@ def test_cuda_graph_on_the_cpu_is_one_clear_error(script, tmp_path):
                  + (["--init=ckpt.pt"] if script == "probe.py" else []), check=False)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == "error: cuda_graph=True needs a CUDA device, not device='cpu'"
+
+
+def test_seed_step_draws_depend_on_seed_iteration_and_stream():
+    def draws(*args):
+        runtime.seed_step(*args)
+        return torch.rand(8)
+    assert torch.equal(draws(0, 7), draws(0, 7))  # what a resumed run draws again
+    others = [draws(0, 7), draws(0, 8), draws(1, 7), draws(0, 7, 1)]
+    assert all(not torch.equal(a, b) for i, a in enumerate(others) for b in others[i + 1:])
+
+
+def test_param_groups_decay_the_weight_matrices_only():
+    mae = MAE(ViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16,
+                        decoder_depth=1, decoder_num_heads=2))
+    decay, no_decay = runtime.param_groups(mae, 0.15)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.15, 0.0)
+    # by module type, not by shape: every bias, every LayerNorm parameter is left undecayed
+    expected = {id(p) for m in mae.modules() for name, p in m.named_parameters(recurse=False)
+                if name == "bias" or isinstance(m, torch.nn.LayerNorm)}
+    assert {id(p) for p in no_decay["params"]} == expected
+    everything = [id(p) for p in mae.parameters() if p.requires_grad]
+    assert sorted(id(p) for p in decay["params"] + no_decay["params"]) == sorted(everything)  # each once
 
 
 def test_configurator_rejects_unknown_keys_and_wrong_types(tmp_path):
