@@ -226,6 +226,7 @@ def rand_augment_draws(B, num_ops=2, device="cpu"):
     return [(torch.randint(len(OPS), (B,), device=device), torch.rand(B, device=device) < 0.5)
             for _ in range(num_ops)]
 
+
 def rand_augment(images, draws, magnitude=9, num_bins=31, interpolation="nearest"):
     """torchvision RandAugment(interpolation=NEAREST or BICUBIC): one layer per draw of
     rand_augment_draws, each image its own op."""

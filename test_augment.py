@@ -181,6 +181,14 @@ def test_rand_augment_shape_range_and_identity():
     torch.manual_seed(1)
     assert torch.equal(rand_augment(x, rand_augment_draws(len(x))), a)  # the global RNG alone decides: resumable
 
+def test_rand_augment_layers_draw_independently():
+    # torchvision picks each layer's op afresh: two layers agree on an image's op 1 time in 14
+    torch.manual_seed(0)
+    (ops_a, neg_a), (ops_b, neg_b) = rand_augment_draws(14_000, num_ops=2)
+    assert abs((ops_a == ops_b).float().mean().item() - 1 / 14) < 0.01
+    assert abs((neg_a == neg_b).float().mean().item() - 1 / 2) < 0.02
+
+
 @pytest.mark.parametrize('interpolation', ['nearest', 'bicubic'])
 def test_rand_augment_applies_each_images_op(interpolation):
     # two layers on a batch: each image equals its drawn ops applied to it alone, in order

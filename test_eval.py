@@ -5,6 +5,7 @@ end-to-end run (pre-train, probe, fine-tune, plot, reconstruct). Run with `pytho
 """
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -13,8 +14,10 @@ import weakref
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+import augment
 import configurator
 import data
 import plot
@@ -301,6 +304,10 @@ def test_finetune_resume_after_kill_matches_uninterrupted_run(pretrained, tmp_pa
     assert a["best_top1"] == b["best_top1"]
     rows = [json.loads(open(f"{tmp_path}/{r}/results.jsonl").read().splitlines()[-1]) for r in ("whole", "killed")]
     assert rows[0]["top1"] == rows[1]["top1"] and rows[0]["pretrain_epoch"] == rows[1]["pretrain_epoch"] == 2.0
+    # resumed once more, with nothing left to train: the same results, the best epoch's top-1 from the checkpoint
+    run([*common, f"--out_dir={tmp_path}/killed", "--resume=True"])
+    again = json.loads(open(f"{tmp_path}/killed/results.jsonl").read().splitlines()[-1])
+    assert (again["top1"], again["best_top1"]) == (rows[1]["top1"], rows[1]["best_top1"])
 
 
 def test_a_stop_asked_at_the_last_log_point_still_gives_the_results(pretrained, tmp_path):
@@ -318,6 +325,28 @@ BAD_INIT = {"missing": "not found", "a_folder": "is a folder, not a checkpoint f
             "not_a_checkpoint": "is not a checkpoint", "wrong_architecture": "does not hold",
             "wrong_image_size": "px images",
             "fine_tuning_checkpoint": "is a fine-tuning checkpoint; give a pre-training one"}
+
+
+def test_finetune_step_passes_its_settings_to_the_augmentation():
+    # the step's augmented batch is the crop, then RandAugment at the step's magnitude and resampling, then the
+    # normalisation, each on the draws made in the step's order (no mixup, cutmix or erasing here)
+    torch.manual_seed(0)
+    model = Classifier(SMALL, num_classes=5, pool="avg")
+    optimizer = torch.optim.AdamW(model.parameters())
+    images, labels = torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8), torch.arange(6) % 5
+    step = steps.make_finetune_step(model, optimizer, num_classes=5, batch_size=6, rank=0, world_size=1, seed=0,
+                                    crop_scale=(0.3, 1.0), rand_augment_ops=2, rand_augment_magnitude=5,
+                                    rand_augment_interpolation="nearest", reprob=0.0, mixup=0.0, cutmix=0.0,
+                                    mixup_mode="batch", label_smoothing=0.0, clip_grad=0.0, device="cpu",
+                                    dtype="float32")
+    runtime.seed_step(0, 3)
+    x, targets = step.augment(images, labels)
+    runtime.seed_step(0, 3)
+    crop, ops = data.crop_flip_draws(6, (0.3, 1.0)), augment.rand_augment_draws(6, 2)
+    expected = augment.rand_augment(data.resized_crop_flip(data.to_float(images), crop), ops, magnitude=5,
+                                    interpolation="nearest")
+    assert torch.equal(x, data.normalize(expected))
+    assert torch.equal(targets, F.one_hot(labels, 5).float())
 
 
 @pytest.mark.parametrize("case", list(BAD_INIT))
@@ -417,15 +446,20 @@ def test_end_to_end_probe_finetune_plot_reconstruct(pretrained, tmp_path):
          "--device=cpu", "--dtype=float32", "--epochs=1", "--batch_size=8", "--eval_resize=0", "--train_crop=True"])
     assert [r["recipe"] for r in map(json.loads, open(f"{tmp_path}/crop/results.jsonl"))] == \
         ["cls, 1 ep, crops 0.08-1", "cls, k=20"]
-    run(["finetune.py", "config/ft_tin.py", f"--init={pre}/ckpt_2.pt", f"--data_dir={data_dir}",
-         f"--out_dir={out}/ft", "--epochs=2", "--warmup_epochs=1", "--batch_size=8", "--device=cpu",
-         "--dtype=float32", "--compile=False"])
+    result = run(["finetune.py", "config/ft_tin.py", f"--init={pre}/ckpt_2.pt", f"--data_dir={data_dir}",
+                  f"--out_dir={out}/ft", "--epochs=3", "--warmup_epochs=1", "--batch_size=8", "--device=cpu",
+                  "--dtype=float32", "--compile=False", "--eval_every=2", "--log_interval=1"])
     log = [json.loads(line) for line in open(f"{out}/ft/finetune_log.jsonl")]
-    assert [r["epoch"] for r in log] == [1, 2] and os.path.exists(f"{out}/ft/ckpt_best.pt")
+    assert [r["epoch"] for r in log] == [2, 3] and os.path.exists(f"{out}/ft/ckpt_best.pt")  # every 2nd, and the last
+    steps = [float(x) for x in re.findall(r"\| loss ([0-9.]+) \|", result.stdout)]  # 6 steps an epoch
+    assert [r["loss"] for r in log] == pytest.approx([np.mean(steps[6:12]), np.mean(steps[12:18])], abs=1e-4)
     ft_rows = [json.loads(line) for line in open(f"{out}/ft/results.jsonl")]  # one per view, from the last epoch
-    assert [r["recipe"] for r in ft_rows] == ["tin, 2 ep", "tin, 2 ep, eval resize 73"]
+    assert [r["recipe"] for r in ft_rows] == ["tin, 3 ep", "tin, 3 ep, eval resize 73"]
     assert [(r["top1"], r["top5"]) for r in ft_rows] == [(log[-1]["top1"], log[-1]["top5"]),
                                                          (log[-1]["top1_resize73"], log[-1]["top5_resize73"])]
+    assert [r["best_top1"] for r in ft_rows] == [max(r[key] for r in log) for key in ("top1", "top1_resize73")]
+    best_epoch = next(r["epoch"] for r in log if r["top1"] == ft_rows[0]["best_top1"])  # ckpt_best follows the plain view
+    assert load(f"{out}/ft/ckpt_best.pt")["iter_num"] == 6 * best_epoch
     result = run(["plot.py", f"--out_dir={out}"])
     assert os.path.exists(f"{out}/fig2_loss.png") and os.path.exists(f"{out}/fig3_accuracy.png")
     assert result.stdout.count("| linear_probe |") == 4 and result.stdout.count("| finetune |") == 2
@@ -478,6 +512,25 @@ def test_figure3_keeps_runs_apart_and_shows_a_checkpoints_latest_result():
                                             ("out/tin_cpu", "linear_probe", "cls"): [(6, 40.0)]}
     # the fine-tuning from scratch is no point on a line: a level of its own
     assert plot.scratch_baselines(results + [row("scratch", None, 51.0, "finetune")]) == {"finetune (cls)": 51.0}
+
+
+def test_plot_draws_every_log_and_sorts_the_table(tmp_path, monkeypatch):
+    for name, losses in (("a", [1.0, 0.8]), ("b", [0.9, 0.7, 0.6])):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps({"epoch": e + 1, "loss": v}) + "\n"
+                                                            for e, v in enumerate(losses)))
+    figures = []
+    monkeypatch.setattr(plot, "write_png", lambda fig, path: figures.append(fig))
+    plot.plot_loss([str(tmp_path / "a" / "log.jsonl"), str(tmp_path / "b" / "log.jsonl")], "unused.png")
+    lines = figures[0].axes[0].get_lines()
+    assert [list(line.get_ydata()) for line in lines] == [[1.0, 0.8], [0.9, 0.7, 0.6]]
+    row = lambda method, recipe, epoch: {"checkpoint": f"c{epoch}.pt", "pretrain_epoch": epoch, "method": method,
+                                         "recipe": recipe, "top1": 1.0, "wall_s": 1.0, "hardware": "cpu"}
+    rows = [row("linear_probe", "cls", 200), row("finetune", "tin", 100), row("linear_probe", "cls", 100),
+            row("finetune", "tin", None), row("knn", "k=20", 100)]
+    table = plot.markdown_table(rows).splitlines()[2:]
+    assert [line.split(" | ")[1:3] for line in table] == [["none", "finetune"], ["100", "finetune"], ["100", "knn"],
+                                                          ["100", "linear_probe"], ["200", "linear_probe"]]
 
 
 def test_plot_errors_are_one_line_and_leave_no_temp_file(tmp_path):

@@ -76,8 +76,12 @@ def data_dir(tmp_path_factory):
 
 def test_pretrain_writes_checkpoints_logs_and_pictures(data_dir, tmp_path):
     out = str(tmp_path / "run")
-    result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--save_every=2"])
+    result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--save_every=2",
+                  "--log_interval=1"])
     assert "ETA" in result.stdout and "img/s" in result.stdout
+    # each epoch's logged loss is the mean of its 4 steps' losses, as the progress lines print them
+    steps = [float(x) for x in re.findall(r"\| loss ([0-9.]+) \|", result.stdout)]
+    assert len(steps) == 12
     for name in ("ckpt_2.pt", "ckpt_3.pt", "ckpt_last.pt", "log.jsonl", "loss.png", "recon_2.png", "recon_3.png"):
         assert os.path.exists(os.path.join(out, name)), name
     assert not os.path.exists(os.path.join(out, "ckpt_1.pt"))
@@ -86,7 +90,26 @@ def test_pretrain_writes_checkpoints_logs_and_pictures(data_dir, tmp_path):
     assert ckpt["config"]["batch_size"] == 8 and "state" in ckpt["optimizer"]
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["epoch"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
+    assert [r["loss"] for r in log] == pytest.approx([np.mean(steps[i:i + 4]) for i in (0, 4, 8)], abs=1e-4)
     assert [f for f in os.listdir(out) if ".tmp" in f] == []
+
+
+def test_warmup_starts_at_lr_0_and_max_iters_stops_without_changing_the_schedule(data_dir, tmp_path):
+    # the lr is set before each step: the warm-up's first step, at lr 0, leaves the initial weights as they were
+    common = ["pretrain.py", *TINY, f"--data_dir={data_dir}"]
+    run([*common, f"--out_dir={tmp_path}/one", "--max_iters=1"])
+    torch.manual_seed(0)  # as the script seeds, before it builds the model
+    init = MAE(ViTConfig(img_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
+                         decoder_depth=1, decoder_num_heads=2)).state_dict()
+    one = load(f"{tmp_path}/one/ckpt_last.pt")["model"]
+    assert one.keys() == init.keys() and all(torch.equal(one[k], init[k]) for k in init)
+    # stopped by max_iters after 6 of 12 iterations, then resumed to the end: the uninterrupted run, bit for bit
+    run([*common, f"--out_dir={tmp_path}/whole"])
+    run([*common, f"--out_dir={tmp_path}/part", "--max_iters=6"])
+    assert load(f"{tmp_path}/part/ckpt_last.pt")["iter_num"] == 6
+    run([*common, f"--out_dir={tmp_path}/part", "--init_from=resume", "--max_iters=0"])
+    a, b = load(f"{tmp_path}/whole/ckpt_last.pt")["model"], load(f"{tmp_path}/part/ckpt_last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
@@ -102,9 +125,9 @@ def test_resume_after_kill_matches_uninterrupted_run(data_dir, tmp_path, sig):
     assert 4 <= stopped_at < 12  # killed within the second epoch, not at the end
     if sig != signal.SIGKILL:
         assert f"{signal.Signals(sig).name}: stopped at iteration {stopped_at} of 12" in rest, rest
-    else:  # a kill -9 can land while a log line is being written
+    else:  # the log may run ahead of ckpt_last.pt, and a kill -9 can land while a line is being written
         with open(os.path.join(killed, "log.jsonl"), "a") as f:
-            f.write('{"epoch": 2, "lo')
+            f.write('{"epoch": 2, "loss": 9.0}\n{"epoch": 3, "lo')
     run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={killed}", "--init_from=resume"])
     a, b = load(os.path.join(whole, "ckpt_last.pt")), load(os.path.join(killed, "ckpt_last.pt"))
     assert a["iter_num"] == b["iter_num"] == 12
@@ -212,6 +235,12 @@ def test_resume_with_other_settings_is_one_clear_line(data_dir, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert "weight_decay=0.5 (the checkpoint's: 0.15)" in lines[0] and "batch_size=4 (the checkpoint's: 8)" in lines[0]
+    # the schedule's length and shape, the seed, the model: refused too (configurator.RESUME_FREE lists what is not)
+    shaping = ["--epochs=2", "--warmup_epochs=0", "--seed=1", "--mask_ratio=0.5", "--depth=2", "--crop_scale=(0.5,1.0)"]
+    result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=resume", *shaping],
+                 check=False)
+    named = re.findall(r"[:,] (\w+)=", result.stderr)  # "...other settings: epochs=2 (the checkpoint's: 3), ..."
+    assert result.returncode == 1 and sorted(named) == sorted(flag[2:].split("=")[0] for flag in shaping), result.stderr
     result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--epochs=1",
                   "--init_from=resume", "--log_interval=3"])
     assert "done: at iteration 4 of 4" in result.stdout  # the run had ended: nothing left to train
@@ -299,6 +328,13 @@ def test_configurator_rejects_unknown_keys_and_wrong_types(tmp_path):
     # a config file's later settings may be computed from its earlier ones, in a comprehension too
     cfg_file.write_text("blr = 1e-3\ncrop_scale = tuple(s * blr * 1000 for s in (0.5, 1.0))\n")
     assert configure(dict(ns), [str(cfg_file)])["crop_scale"] == (0.5, 1.0)
+    # files and flags apply in the order given: the last one wins
+    later = tmp_path / "later.py"
+    cfg_file.write_text("batch_size = 32\nblr = 1e-3\n")
+    later.write_text("batch_size = 16\n")
+    assert configure(dict(ns), [str(cfg_file), str(later)])["batch_size"] == 16
+    assert configure(dict(ns), [str(later), str(cfg_file), "--batch_size=8"])["batch_size"] == 8
+    assert configure(dict(ns), ["--batch_size=8", str(later)])["batch_size"] == 16
     # a broken config file is one line naming it and the line, not a traceback
     for text, error in [("blr = (\n", "line 1: SyntaxError"), ("batch_size = 32\nblr = lr * 2\n", "line 2: NameError")]:
         cfg_file.write_text(text)
