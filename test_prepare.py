@@ -144,6 +144,24 @@ def test_replaces_existing_output(tmp_path, archive):
     assert sorted(p.name for p in out.iterdir()) == sorted(prepare_tin.OUTPUTS)
     assert leftovers(out) == ['tin']
 
+def test_a_failure_between_the_two_renames_puts_the_earlier_output_back(tmp_path, archive, monkeypatch, capsys):
+    out = tmp_path / 'tin'
+    prepare_tin.main([f'--zip={archive}', f'--out={out}', '--classes=1'])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rename, calls = os.rename, []
+
+    def second_rename_fails(src, dst):  # the earlier output is moved aside, then the new one cannot move in
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError('disk full')
+        rename(src, dst)
+    monkeypatch.setattr(prepare_tin.os, 'rename', second_rename_fails)
+    with pytest.raises(SystemExit):  # main reports the OSError as one line
+        prepare_tin.main([f'--zip={archive}', f'--out={out}'])
+    assert 'disk full' in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and leftovers(out) == ['tin']
+
+
 @pytest.mark.parametrize('case', ['earlier output and a note', 'the archive itself'])
 def test_never_replaces_a_folder_holding_other_files(tmp_path, archive, case):
     out = tmp_path / 'data'
