@@ -12,6 +12,7 @@ one-line error. check_same_run keeps a resumed run on its own settings.
 """
 import ast
 import sys
+import traceback
 
 import augment
 
@@ -65,7 +66,8 @@ def configure(namespace, argv):
             try:
                 exec(compile(code, arg, "exec"), values)
             except Exception as e:  # a syntax error, an undefined name, ...: the file's own fault
-                line = getattr(e, "lineno", None) or e.__traceback__.tb_next.tb_lineno
+                lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == arg]
+                line = getattr(e, "lineno", None) or (lines[-1] if lines else "?")  # the file's innermost line
                 raise SystemExit(f"error: config file {arg}, line {line}: {type(e).__name__}: {e}")
             for key, value in values.items():
                 if not key.startswith("_") and not isinstance(value, type(sys)):  # skip imports

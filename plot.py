@@ -97,7 +97,8 @@ def accuracy_lines(results):
 
 
 def scratch_baselines(results):
-    """{"method (recipe)": top-1} of the runs without pre-training (finetune.py --init=scratch), the latest of each."""
+    """{"method (recipe)": top-1} of the runs without pre-training (finetune.py --init=scratch), the latest
+    of each."""
     return {f"{r['method']} ({r['recipe']})": r["top1"] for r in results if r["pretrain_epoch"] is None}
 
 

@@ -224,5 +224,5 @@ if __name__ == "__main__":
             raise SystemExit(f"error: {key}={value} is larger than the training set ({len(train_images)} images)")
     runtime.make_out_dir(out_dir)
     for i, path in enumerate(paths, 1):
-        print(f"checkpoint {i}/{len(paths)}: {path}", flush=True)  # the progress lines below are its
+        print(f"checkpoint {i}/{len(paths)}: {path}", flush=True)  # its progress lines follow
         probe(path, train_images, train_labels, val_images, val_labels, data.num_classes(data_dir))

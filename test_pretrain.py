@@ -336,7 +336,8 @@ def test_configurator_rejects_unknown_keys_and_wrong_types(tmp_path):
     assert configure(dict(ns), [str(later), str(cfg_file), "--batch_size=8"])["batch_size"] == 8
     assert configure(dict(ns), ["--batch_size=8", str(later)])["batch_size"] == 16
     # a broken config file is one line naming it and the line, not a traceback
-    for text, error in [("blr = (\n", "line 1: SyntaxError"), ("batch_size = 32\nblr = lr * 2\n", "line 2: NameError")]:
+    for text, error in [("blr = (\n", "line 1: SyntaxError"), ("batch_size = 32\nblr = lr * 2\n", "line 2: NameError"),
+                        ("def f():\n    return lr\nblr = f()\n", "line 2: NameError"), ("blr = 1\0\n", "line \\?: ")]:
         cfg_file.write_text(text)
         with pytest.raises(SystemExit, match=f"^error: config file {re.escape(str(cfg_file))}, {error}"):
             configure(dict(ns), [str(cfg_file)])
