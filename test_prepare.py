@@ -197,6 +197,17 @@ def test_download(tmp_path, archive, monkeypatch, capsys):
     prepare_tin.main(['--out=data/again'])
     assert 'download' not in capsys.readouterr().out and (tmp_path / 'data' / 'again').is_dir()
 
+def test_a_failed_download_says_what_to_do_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    # no network (here: a URL that cannot be fetched): one line naming it, and the two ways to go on
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(prepare_tin, 'URL', (tmp_path / 'nowhere' / 'tiny-imagenet-200.zip').as_uri())
+    with pytest.raises(SystemExit) as e:
+        prepare_tin.main([])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(lines) == 1, lines
+    assert f'the download of {prepare_tin.URL} failed' in lines[0] and '--zip=' in lines[0] and '--src=' in lines[0]
+    assert list(tmp_path.iterdir()) == []  # no data/ folder, no partial archive
+
 # -----------------------------------------------------------------------------
 # errors: one line on stderr, status 1, nothing left behind
 
@@ -274,6 +285,19 @@ def test_sigterm_leaves_nothing_half_built(tmp_path):
     assert leftovers(out) == [f'tin.tmp-{p.pid}']
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=60) == 128 + signal.SIGTERM, p.stderr.read()
+    assert leftovers(out) == []
+
+@pytest.mark.skipif(not REAL_ZIP.exists(), reason='no real Tiny ImageNet zip in ../shared/data')
+def test_ctrl_c_is_one_line_and_leaves_nothing_half_built(tmp_path):
+    # a terminal's Ctrl-C reaches the whole process group, the decoding workers too: they keep quiet
+    out = tmp_path / 'tin'
+    p = subprocess.Popen([sys.executable, str(SCRIPT), f'--zip={REAL_ZIP}', f'--out={out}', '--workers=2'],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert p.stdout.readline().startswith('train: ')
+    os.killpg(p.pid, signal.SIGINT)
+    assert p.wait(timeout=60) == 128 + signal.SIGINT
+    errors = p.stderr.read()
+    assert errors.strip().splitlines() == [f'prepare_tin.py: stopped; nothing was written to {out}'], errors
     assert leftovers(out) == []
 
 # -----------------------------------------------------------------------------
