@@ -1,28 +1,29 @@
 """
-Figures of the report, from what the stage scripts write:
+The report's figures, from what the stage scripts write:
 
     python plot.py --out_dir=out
 
-finds every pre-training log (log.jsonl) and evaluation results file (results.jsonl) under out_dir
-and writes out_dir/fig2_loss.png (pre-training loss per epoch), out_dir/fig3_accuracy.png (top-1
-against pre-training epoch, one line per pre-training run, method and recipe; a fine-tuning from scratch
-as a dashed level) and prints the results as a Markdown table. pretrain.py also calls plot_loss and
-save_reconstructions at each checkpoint.
+finds every pre-training log (log.jsonl) and results file (results.jsonl) under out_dir, writes
+out_dir/fig2_loss.png (each run's loss per epoch, and its k-NN top-1 where the log has it),
+out_dir/fig3_accuracy.png (top-1 against pre-training epoch, one line per pre-training run, method and
+recipe; a fine-tuning from scratch is a dashed level) and prints the results as a Markdown table.
+pretrain.py draws its own loss.png with plot_loss.
 """
 import glob
 import json
 import os
 import sys
-import textwrap
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no screen needed
 import matplotlib.pyplot as plt
-import torch
 
-from data import MEAN, STD
+from configurator import configure
 
+# -----------------------------------------------------------------------------
+out_dir = "out"  # the folder searched for log.jsonl and results.jsonl, and where the figures go
+# -----------------------------------------------------------------------------
 
 def read_jsonl(path, needed=()):
     """The rows of a JSON-lines file, each with the keys in needed; anything else is one line naming it."""
@@ -37,7 +38,6 @@ def read_jsonl(path, needed=()):
                 raise SystemExit(f"error: {path}, line {number}, lacks one of {', '.join(needed)}")
     return rows
 
-
 def write_png(fig, path):
     tmp = f"{path}.tmp{os.getpid()}.png"  # matplotlib picks the format from the extension
     try:
@@ -50,93 +50,76 @@ def write_png(fig, path):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
 def plot_loss(log_paths, png_path):
-    """Figure 2: mean pre-training loss per epoch, one line per log."""
-    log_paths = [log_paths] if isinstance(log_paths, str) else log_paths
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for path in log_paths:
-        rows = read_jsonl(path, ("epoch", "loss"))
-        ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows],
-                marker="o" if len(rows) <= 20 else None, markersize=3,  # a log of one epoch is one point
-                label=os.path.dirname(path))
-    ax.set(xlabel="epoch", ylabel="training loss (masked patches)", title="MAE pre-training loss")
-    ax.grid(alpha=0.3)
-    if len(log_paths) > 1:
-        ax.legend()
+    """Figure 2: each run's mean pre-training loss per epoch and, beside it if a log has any, k-NN top-1."""
+    paths = [log_paths] if isinstance(log_paths, str) else log_paths
+    logs = {os.path.dirname(p): read_jsonl(p, ("epoch", "loss")) for p in paths}
+    knn = {run: [r for r in rows if r.get("knn_top1") is not None] for run, rows in logs.items()}
+    fig, axes = plt.subplots(1, 2 if any(knn.values()) else 1, figsize=(11 if any(knn.values()) else 6, 4),
+                             squeeze=False)
+    for run, rows in logs.items():
+        marker = "o" if len(rows) <= 20 else None  # a log of one epoch is one point
+        axes[0, 0].plot([r["epoch"] for r in rows], [r["loss"] for r in rows], marker=marker, markersize=3,
+                        label=run)
+        if knn[run]:
+            axes[0, 1].plot([r["epoch"] for r in knn[run]], [r["knn_top1"] for r in knn[run]], marker="o",
+                            markersize=3, label=run)
+    axes[0, 0].set(xlabel="epoch", ylabel="training loss: mean squared error on the masked patches")
+    if any(knn.values()):
+        axes[0, 1].set(xlabel="epoch", ylabel="k-NN top-1 on the validation images (%)")
+    last = max((rows[-1]["epoch"] for rows in logs.values() if rows), default=0)
+    fig.suptitle(f"MAE pre-training of {', '.join(logs)}, epoch {last}" if len(logs) == 1 else
+                 f"MAE pre-training, {len(logs)} runs")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        if len(logs) > 1:
+            ax.legend(fontsize=7)
     write_png(fig, png_path)
-
-
-def save_reconstructions(rows, png_path, title):
-    """A grid of images: one row per tensor in rows (each (B, 3, H, W), normalised as the network's
-    input): original, masked, reconstruction, reconstruction with the visible patches pasted back."""
-    names = ["original", "masked", "reconstruction", "+ visible"]
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    B = rows[0].shape[0]
-    fig, axes = plt.subplots(len(rows), B, figsize=(1.2 * B, 1.3 * len(rows)), squeeze=False)
-    for r, batch in enumerate(rows):
-        pictures = (batch.float().cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-        for b in range(B):
-            axes[r, b].imshow(pictures[b])
-            axes[r, b].set_xticks([])
-            axes[r, b].set_yticks([])
-        axes[r, 0].set_ylabel(names[r], fontsize=8)
-    fig.suptitle(textwrap.fill(title, max(40, 16 * B)), fontsize=9)  # a long title would widen a narrow grid
-    write_png(fig, png_path)
-
 
 def accuracy_lines(results):
-    """Figure 3's lines: {(pre-training run, method, recipe): [(pre-training epoch, top-1), ...]}. A
-    run is the checkpoints' folder; a checkpoint evaluated again the same way shows its latest result."""
+    """Figure 3's lines: {(pre-training run, method, recipe): [(pre-training epoch, top-1), ...]}. A run is
+    the checkpoints' folder; a checkpoint evaluated again the same way shows its latest result."""
     lines = {}
     for r in results:
         if r["pretrain_epoch"] is not None:  # not from scratch
-            line = (os.path.dirname(r["checkpoint"]), r["method"], r["recipe"])
-            lines.setdefault(line, {})[r["pretrain_epoch"]] = r["top1"]
+            line = lines.setdefault((os.path.dirname(r["checkpoint"]), r["method"], r["recipe"]), {})
+            line[r["pretrain_epoch"]] = r["top1"]
     return {line: sorted(points.items()) for line, points in sorted(lines.items())}
 
-
 def scratch_baselines(results):
-    """{"method (recipe)": top-1} of the runs without pre-training (finetune.py --init=scratch), the latest
-    of each."""
+    """{"method (recipe)": top-1} of the latest runs without pre-training (finetune.py --init=scratch)."""
     return {f"{r['method']} ({r['recipe']})": r["top1"] for r in results if r["pretrain_epoch"] is None}
 
-
 def plot_accuracy(results, png_path):
-    """Figure 3: top-1 against pre-training epoch, one line per pre-training run, method and recipe;
-    a fine-tuning from scratch is a dashed level: what pre-training has to beat."""
+    """Figure 3: top-1 against pre-training epoch, one line per pre-training run, method and recipe; a
+    fine-tuning from scratch is a dashed level: what pre-training has to beat."""
     fig, ax = plt.subplots(figsize=(6, 4))
     lines = accuracy_lines(results)
     for (run, method, recipe), points in lines.items():
         ax.plot(*zip(*points), marker="o", label=f"{run}: {method} ({recipe})")
     for i, (what, top1) in enumerate(scratch_baselines(results).items(), start=len(lines)):
         ax.axhline(top1, linestyle="--", color=f"C{i % 10}", label=f"no pre-training: {what}")
-    ax.set(xlabel="pre-training epoch", ylabel="validation top-1 (%)", title="Tiny ImageNet, ViT-Lite MAE")
+    ax.set(xlabel="pre-training epoch", ylabel="validation top-1 (%)",
+           title=f"Tiny ImageNet, ViT-Lite MAE: {out_dir}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the plot: it never hides a point
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the plot: it hides no point
     write_png(fig, png_path)
-
 
 RESULT_KEYS = ("checkpoint", "pretrain_epoch", "method", "recipe", "top1", "wall_s", "hardware")
 
-
 def markdown_table(results):
-    lines = ["| checkpoint | pre-training epoch | method | recipe | top-1 | best epoch's top-1 | top-5 | wall time | "
-             "hardware |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| checkpoint | pre-training epoch | method | recipe | top-1 | best epoch's top-1 | top-5 | "
+             "wall time | hardware |", "|---|---|---|---|---|---|---|---|---|"]
     optional = lambda r, key: "" if r.get(key) is None else f"{r[key]:.2f}"  # knn has no best epoch
     for r in sorted(results, key=lambda r: (r["method"], r["recipe"], r["pretrain_epoch"] or 0)):
         epoch = "none" if r["pretrain_epoch"] is None else f"{r['pretrain_epoch']:g}"
         lines.append(f"| {r['checkpoint']} | {epoch} | {r['method']} | {r['recipe']} | {r['top1']:.2f} | "
-                     f"{optional(r, 'best_top1')} | {optional(r, 'top5')} | {r['wall_s']:.0f} s | {r['hardware']} |")
+                     f"{optional(r, 'best_top1')} | {optional(r, 'top5')} | {r['wall_s']:.0f} s | "
+                     f"{r['hardware']} |")
     return "\n".join(lines)
 
-
-def main(argv):
-    out_dir = "out"
-    for arg in argv:
-        if not arg.startswith("--out_dir="):
-            raise SystemExit(f"error: unknown argument {arg!r}; usage: python plot.py --out_dir=DIR")
-        out_dir = arg.split("=", 1)[1]
+if __name__ == "__main__":
+    configure(globals(), sys.argv[1:])
     if not os.path.isdir(out_dir):
         raise SystemExit(f"error: out_dir {out_dir} is not a folder")
     logs = sorted(glob.glob(os.path.join(out_dir, "**", "log.jsonl"), recursive=True))
@@ -152,7 +135,3 @@ def main(argv):
         print(f"wrote {os.path.join(out_dir, 'fig3_accuracy.png')} from {len(results)} result(s)\n")
     if results:
         print(markdown_table(results))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -3,6 +3,8 @@ bench.py on the CPU: the correctness guard (compiled bf16 path against plain fp3
 batch and masks) and the harness's report. No speed is asserted here: the machines are shared and
 noisy, so speed lives in bench.py's output. Run with `python test_bench.py` or pytest.
 """
+import json
+import math
 import re
 import sys
 
@@ -11,7 +13,7 @@ import torch
 
 import bench
 import data
-from test_pretrain import run
+from test_pretrain import make_data, run
 
 
 @pytest.mark.parametrize("stage, attention", [("pretrain", "auto"), ("finetune", "auto"),
@@ -52,15 +54,7 @@ def test_bench_reports_throughput_and_flops():
     ms = float(re.search(r"([0-9.]+) ms/step", result.stdout).group(1))
     assert abs(1000 * 4 / ms - images_per_s) <= 0.51  # batch 4; images/s is printed rounded to a whole number
     assert float(re.search(r"([0-9.]+) GFLOP/image", result.stdout).group(1)) == round(flops_by_hand("pretrain") / 1e9, 2)
-    assert "aten::" in result.stdout  # the profile table
-    # and its summary by family: every op of the step (one step profiled) in exactly one family
-    families = dict(re.findall(r"^  (\S.*?) +([0-9.]+) ms", result.stdout, re.MULTILINE))
-    assert set(families) == set(bench.FAMILIES) | {"all"}
-    total = float(families.pop("all"))
-    assert float(families["matrix products"]) > 0 and float(families["attention"]) > 0
-    assert abs(sum(map(float, families.values())) - total) < 0.01 * total
-    value, unit = re.search(r"Self CPU time total: ([0-9.]+)(us|ms|s)\b", result.stdout).groups()
-    assert total == pytest.approx(float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit], rel=1e-3)
+    assert "aten::" in result.stdout and "Self CPU time total" in result.stdout  # the profile table
     # the augmentation timed on its own is a part of the step
     share = re.search(r"augmentation alone: ([0-9.]+) ms/batch = ([0-9]+)% of the step", result.stdout)
     assert float(share.group(1)) > 0 and 0 <= int(share.group(2)) <= 100
@@ -128,36 +122,23 @@ def test_guard_stops_images_two_levels_off(small_bench, monkeypatch):
         bench.check_paths(small_bench, "CPU")
 
 
-def family(kernel):
-    return next(name for name, pattern in bench.FAMILIES.items() if re.search(pattern, kernel, re.IGNORECASE))
-
-
-def test_profile_families_of_gpu_kernels():
-    # kernel names as the H200 profile printed them (results/h200/bench.txt), and PyTorch's own
-    # attention kernels, whose names mention the CUTLASS library their matrix tiles come from
-    expected = {"cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wg": "attention",
-                "void cudnn::fusion::convert_dq_to_16bits<true>(void": "attention",
-                "fmha_cutlassB_f16_aligned_64x64_k64_sm80": "attention",
-                "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel": "attention",
-                "nvjet_sm90_tst_64x64_64x13_1x2_h_bz_splitK_NTT": "matrix products",
-                "void cublasLt::splitKreduce_kernel<32, 16, int, floa": "matrix products",
-                "triton_tem_fused_addmm_gelu_3": "matrix products",
-                "triton_per_fused__to_copy_add_native_layer_norm_back": "compiled (Inductor)",
-                "triton_poi_fused__scaled_dot_product_cudnn_attention_backward_7": "compiled (Inductor)",
-                "void at::native::(anonymous namespace)::multi_tensor": "optimizer",
-                "void at::native::reduce_kernel<128, 4, at::native::R": "other",
-                "aten::addmm": "matrix products", "aten::mm": "matrix products", "aten::mul": "other"}
-    assert {kernel: family(kernel) for kernel in expected} == expected
-
-
-def test_attention_table_times_each_kernel():
-    result = run(["bench.py", "--stage=attention", "--device=cpu", "--dtype=float32", "--repeats=1",
-                  "--steps_per_repeat=1"])
-    header, *rows = result.stdout.strip().splitlines()[1:]
-    assert header.split()[-5:] == ["auto", "flash", "efficient", "cudnn", "math"]
-    assert len(rows) == 3
-    for row in rows:  # the plain math kernel runs everywhere
-        assert float(row.split()[-1]) > 0
+def test_bench_times_the_step_that_trains(tmp_path):
+    # bench.py's run(i), handed pretrain.py's data, batch order and lr schedule, gives the losses pretrain.py
+    # trains with: the same model, optimizer, augmentation and step (the reference model, 4 iterations)
+    data_dir = make_data(tmp_path / "data", n_train=32)
+    result = run(["pretrain.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path}/run", "--batch_size=8", "--epochs=1",
+                  "--warmup_epochs=0", "--blr=0.1", "--log_interval=1", "--knn_every=0", "--device=cpu",
+                  "--dtype=float32", "--compile=False"])
+    printed = [float(x) for x in re.findall(r"\| loss ([0-9.]+) \|", result.stdout)]
+    logged = json.loads(open(f"{tmp_path}/run/log.jsonl").readline())["loss"]
+    images, labels = data.load_split(data_dir, "train", "cpu")
+    lr = lambda it: 0.1 * 8 / 256 * 0.5 * (1 + math.cos(math.pi * it / 4))  # warm-up 0, then the cosine
+    run_step = bench.build((images, labels, data.permutation(32, 0, 0, "cpu")), "float32", False, False, "auto", 8,
+                           lr=lr)
+    losses = [run_step(i).item() for i in range(4)]
+    print(f"pretrain.py's losses {printed}, mean {logged:.6f}; bench.py's {losses}")
+    assert losses == pytest.approx(printed, abs=5.1e-5) and abs(losses[0] - losses[3]) > 1e-3  # printed to 4 places
+    assert sum(losses) / 4 == pytest.approx(logged, rel=1e-5)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ layer-wise lr decay, checkpoints arriving in fine-tuning unchanged, bad --init v
 end-to-end run (pre-train, probe, fine-tune, plot, reconstruct). Run with `python test_eval.py` or pytest.
 """
 import json
+import math
 import os
 import re
 import shutil
@@ -23,9 +24,9 @@ import data
 import plot
 import probe
 import reconstruct
+import finetune
 import runtime
-import steps
-from model import MAE, Classifier, ViTConfig
+from model import MAE, Classifier, ViTConfig, param_groups, pretrained_encoder
 from test_pretrain import TINY, kill_at, load, make_data, run
 
 SMALL = ViTConfig(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2, decoder_embed_dim=16,
@@ -50,7 +51,7 @@ def test_cached_and_crop_probes_equal_plain_probe(monkeypatch):
     probe.device, probe.dtype, probe.batch_size, probe.epochs, probe.warmup_epochs = "cpu", "float32", 8, 2, 1
     probe.blr = 1e-1  # large enough that the heads move well away from their start
 
-    cached = torch.stack([probe.extract_features(encoder, images, flip) for flip in (False, True)], dim=1)
+    cached = torch.stack([probe.encode(encoder, images, "cls", "float32", 512, flip) for flip in (False, True)], dim=1)
 
     @torch.no_grad()
     def plain(idx, flip):  # the encoder on this step's images, each mirrored or not
@@ -121,7 +122,7 @@ def test_feature_extraction_keeps_no_batch_of_tokens(features, monkeypatch):
     encoder = Recording(MAE(SMALL).encoder.eval())
     for key, value in dict(device="cpu", dtype="float32", eval_batch_size=4, features=features).items():
         monkeypatch.setattr(probe, key, value)
-    f = probe.extract_features(encoder, torch.randint(0, 256, (16, 64, 64, 3), dtype=torch.uint8))
+    f = probe.encode(encoder, torch.randint(0, 256, (16, 64, 64, 3), dtype=torch.uint8), features, "float32", 4)
     assert f.shape == (16, 64 if features == "both" else 32) and len(encoder.made) == 4
     assert all(ref() is None for ref in encoder.made)
 
@@ -130,13 +131,42 @@ def test_knn_matches_plain_loop():
     torch.manual_seed(0)
     train_f, val_f = torch.randn(60, 8), torch.randn(7, 8)
     train_y = torch.arange(60) % 4
-    probe.knn_k, probe.knn_temperature = 5, 0.1
-    scores = probe.knn_scores(train_f, train_y, val_f, 4)
+    scores = probe.knn_scores(train_f, train_y, val_f, 4, 5, 0.1)
     for i in range(7):
         sims = [float(val_f[i] @ t / (val_f[i].norm() * t.norm())) for t in train_f]
         nearest = sorted(range(60), key=lambda j: -sims[j])[:5]
         expected = [sum(np.exp(sims[j] / 0.1) for j in nearest if train_y[j] == c) for c in range(4)]
         assert np.allclose(scores[i].numpy(), expected, rtol=1e-4)
+
+
+def test_knn_against_a_brute_force_count():
+    # crafted features with known neighbours: 2-D vectors at known angles (lengths 1, 2, 4: they do not count).
+    # Validation point 0 (at 1 degree) has its 3 nearest in class 1, then one of class 0; point 1 (at 95) has
+    # two class-2 vectors and the same two of class 0 nearest: a tie of votes, which the lower class wins.
+    # Class 3 is no one's neighbour until k takes in every training vector.
+    angle = lambda degrees: torch.tensor([math.cos(math.radians(degrees)), math.sin(math.radians(degrees))])
+    train = [(0, 1), (5, 1), (-5, 1), (12, 0), (90, 2), (100, 2), (90, 0), (100, 0), (180, 3), (200, 3)]
+    train_f = torch.stack([angle(a) * 2 ** (i % 3) for i, (a, _) in enumerate(train)])
+    train_y = torch.tensor([c for _, c in train])
+    val_f, val_y = torch.stack([angle(1), angle(95)]), torch.tensor([1, 0])
+
+    def brute_force(k, temperature):  # every pair, in plain Python
+        scores = []
+        for v in val_f.tolist():
+            sims = [sum(a * b for a, b in zip(v, t)) / math.hypot(*v) / math.hypot(*t) for t in train_f.tolist()]
+            nearest = sorted(range(len(train)), key=lambda j: -sims[j])[:k]
+            scores.append([sum(math.exp(sims[j] / temperature) for j in nearest if train[j][1] == c) for c in range(4)])
+        return torch.tensor(scores)
+
+    for k, temperature in ((4, 0.07), (6, 0.5), (10, 1.0)):
+        got = probe.knn_scores(train_f, train_y, val_f, 4, k, temperature)
+        print(f"k-NN votes, k={k}: largest difference from the brute-force count "
+              f"{(got - brute_force(k, temperature)).abs().max().item():.2e}")
+        assert torch.allclose(got, brute_force(k, temperature), rtol=1e-5)
+    votes = probe.knn_scores(train_f, train_y, val_f, 4, 4, 0.5)
+    assert votes[0, 3] == votes[1, 3] == votes[1, 1] == 0 and votes[1, 0] == votes[1, 2] > 0  # the tie
+    assert votes[0].argmax() == 1 and votes[0, 0] > 0
+    assert probe.top_k_accuracy(votes, val_y) == (100.0, 100.0)  # point 1: the tie goes to class 0
 
 
 def test_top5_counts_a_label_anywhere_among_the_five_best_scores():
@@ -153,7 +183,7 @@ def test_top5_counts_a_label_anywhere_among_the_five_best_scores():
             value = (x[:, 0, 0, 0] * data.STD[0] + data.MEAN[0]) * 255
             return scores[(value / 10).round().long()]
     images = (torch.arange(4) * 10).view(4, 1, 1, 1).expand(4, 8, 8, 3).to(torch.uint8)
-    got = steps.evaluate(Lookup(), images, labels, batch_size=3, device="cpu", dtype="float32")  # two batches
+    got = probe.top_k_accuracy(probe.outputs(Lookup(), images, "float32", 3), labels)  # two batches
     assert got == pytest.approx(expected)
 
 
@@ -173,7 +203,7 @@ def test_probe_trains_on_each_images_plain_and_mirrored_features(pretrained, mon
     monkeypatch.setattr(probe, "train_head", train_head)
     (train_x, train_y), (val_x, val_y) = (data.load_split(data_dir, split, "cpu") for split in ("train", "val"))
     probe.probe(f"{pre}/ckpt_2.pt", train_x, train_y, val_x, val_y, 4)
-    encoder = runtime.load_encoder(f"{pre}/ckpt_2.pt", 64)[0].eval()
+    encoder = pretrained_encoder(load(f"{pre}/ckpt_2.pt"), "ckpt_2.pt", 64)[0].eval()
     idx, flip = torch.tensor([5, 0, 7, 3]), torch.tensor([True, False, False, True])
     pictures = [Image.fromarray(train_x[i].numpy()) for i in idx]
     pictures = [p.transpose(Image.FLIP_LEFT_RIGHT) if f else p for p, f in zip(pictures, flip)]
@@ -186,7 +216,7 @@ def test_probe_trains_on_each_images_plain_and_mirrored_features(pretrained, mon
 
 def test_layer_decay_rates_per_block():
     model = Classifier(ViTConfig(depth=7), num_classes=10, pool="avg")
-    groups = runtime.layer_decay_groups(model, weight_decay=0.05, layer_decay=0.75)
+    groups = param_groups(model, weight_decay=0.05, layer_decay=0.75)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     params = dict(model.named_parameters())
@@ -218,7 +248,7 @@ def test_finetune_receives_encoder_unchanged(pretrained, tmp_path):
 
 
 @pytest.mark.parametrize("mixup_mode", ["elem", "batch"])
-def test_finetune_processes_augment_their_share_as_one_process(mixup_mode):
+def test_finetune_processes_augment_their_share_as_one_process(mixup_mode, monkeypatch):
     # Each of N processes augments only its slice and the mirror slice (mixup's partners) and keeps
     # its slice: laid end to end, the N slices must be exactly what one process makes of the batch.
     torch.manual_seed(0)
@@ -227,12 +257,14 @@ def test_finetune_processes_augment_their_share_as_one_process(mixup_mode):
     model = Classifier(SMALL, 5, pool="avg")
     optimizer = torch.optim.AdamW(model.parameters())
 
+    settings = dict(batch_size=12, seed=0, crop_scale=(0.08, 1.0), rand_augment_ops=2, rand_augment_magnitude=9,
+                    rand_augment_interpolation="bicubic", reprob=0.5, mixup=0.8, cutmix=1.0, mixup_mode=mixup_mode,
+                    label_smoothing=0.1)
+    for key, value in settings.items():
+        monkeypatch.setattr(finetune, key, value)
+
     def augmented(rank, world_size, compile=False):
-        step = steps.make_finetune_step(
-            model, optimizer, num_classes=5, batch_size=12, rank=rank, world_size=world_size, seed=0,
-            crop_scale=(0.08, 1.0), rand_augment_ops=2, rand_augment_magnitude=9,
-            rand_augment_interpolation="bicubic", reprob=0.5, mixup=0.8, cutmix=1.0, mixup_mode=mixup_mode,
-            label_smoothing=0.1, clip_grad=0.0, device="cpu", dtype="float32", compile=compile)
+        step = finetune.make_step(model, optimizer, 5, "cpu", "float32", compile, rank=rank, world_size=world_size)
         runtime.seed_step(0, 3)
         return step.augment(images, labels)
 
@@ -269,11 +301,12 @@ def test_finetune_torchrun_two_processes_train_as_one(pretrained, tmp_path):
     assert change.norm() > 1e-2 and diff.norm() < 1e-2 * change.norm()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_finetune_resume_after_kill_matches_uninterrupted_run(pretrained, tmp_path, sig):
+# ours, and the reference's (its BatchNorm head's running statistics must resume too)
+@pytest.mark.parametrize("sig, recipe", [(signal.SIGKILL, "config/ft_tin.py"), (signal.SIGTERM, "config/ft_ref.py")])
+def test_finetune_resume_after_kill_matches_uninterrupted_run(pretrained, tmp_path, sig, recipe):
     data_dir, pre = pretrained
     init = shutil.copy(f"{pre}/ckpt_2.pt", tmp_path / "init.pt")  # removed before the resume: it must not need it
-    common = ["finetune.py", "config/ft_tin.py", f"--init={init}", f"--data_dir={data_dir}", "--epochs=2",
+    common = ["finetune.py", recipe, f"--init={init}", f"--data_dir={data_dir}", "--epochs=2",
               "--warmup_epochs=1", "--batch_size=8", "--device=cpu", "--dtype=float32", "--compile=False",
               "--log_interval=1", "--save_last_every_s=0"]
     run([*common, f"--out_dir={tmp_path}/whole"])
@@ -297,10 +330,17 @@ def test_finetune_resume_after_kill_matches_uninterrupted_run(pretrained, tmp_pa
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and "16 training images in data_dir (the checkpoint's: " \
         in lines[0], result.stderr
+    # resumed with another head: refused, naming both
+    other_head = "linear" if recipe == "config/ft_ref.py" else "batchnorm"
+    result = run([*common, f"--out_dir={tmp_path}/killed", "--resume=True", f"--head={other_head}"], check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and f"head={other_head!r} (the checkpoint's: " \
+        f"{'batchnorm' if other_head == 'linear' else 'linear'!r})" in lines[0], result.stderr
     os.remove(init)
     run([*common, f"--out_dir={tmp_path}/killed", "--resume=True"])
     a, b = load(f"{tmp_path}/whole/ckpt_last.pt"), load(f"{tmp_path}/killed/ckpt_last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert ("head.0.running_var" in a["model"]) == (recipe == "config/ft_ref.py")
     assert a["best_top1"] == b["best_top1"]
     rows = [json.loads(open(f"{tmp_path}/{r}/results.jsonl").read().splitlines()[-1]) for r in ("whole", "killed")]
     assert rows[0]["top1"] == rows[1]["top1"] and rows[0]["pretrain_epoch"] == rows[1]["pretrain_epoch"] == 2.0
@@ -327,18 +367,18 @@ BAD_INIT = {"missing": "not found", "a_folder": "is a folder, not a checkpoint f
             "fine_tuning_checkpoint": "is a fine-tuning checkpoint; give a pre-training one"}
 
 
-def test_finetune_step_passes_its_settings_to_the_augmentation():
+def test_finetune_step_passes_its_settings_to_the_augmentation(monkeypatch):
     # the step's augmented batch is the crop, then RandAugment at the step's magnitude and resampling, then the
     # normalisation, each on the draws made in the step's order (no mixup, cutmix or erasing here)
     torch.manual_seed(0)
     model = Classifier(SMALL, num_classes=5, pool="avg")
     optimizer = torch.optim.AdamW(model.parameters())
     images, labels = torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8), torch.arange(6) % 5
-    step = steps.make_finetune_step(model, optimizer, num_classes=5, batch_size=6, rank=0, world_size=1, seed=0,
-                                    crop_scale=(0.3, 1.0), rand_augment_ops=2, rand_augment_magnitude=5,
-                                    rand_augment_interpolation="nearest", reprob=0.0, mixup=0.0, cutmix=0.0,
-                                    mixup_mode="batch", label_smoothing=0.0, clip_grad=0.0, device="cpu",
-                                    dtype="float32")
+    settings = dict(batch_size=6, seed=0, crop_scale=(0.3, 1.0), rand_augment_ops=2, rand_augment_magnitude=5,
+                    rand_augment_interpolation="nearest", reprob=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
+    for key, value in settings.items():
+        monkeypatch.setattr(finetune, key, value)
+    step = finetune.make_step(model, optimizer, 5, "cpu", "float32")
     runtime.seed_step(0, 3)
     x, targets = step.augment(images, labels)
     runtime.seed_step(0, 3)
@@ -409,11 +449,13 @@ def test_bad_data_or_settings_are_one_clear_line(pretrained, tmp_path, case):
 
 @pytest.mark.parametrize("setting, value", [("pool", "max"), ("features", "last"), ("mixup_mode", "pair"),
                                             ("rand_augment_interpolation", "bilinear"), ("rand_augment_magnitude", 31),
-                                            ("reprob", 1.5), ("layer_decay", 0.0)])
+                                            ("reprob", 1.5), ("layer_decay", 0.0), ("head", "mlp")])
 def test_bad_evaluation_setting_is_one_clear_line(setting, value):
-    with pytest.raises(SystemExit, match=f"^error: {setting}={value!r}: it must be "):
+    with pytest.raises(SystemExit, match=f"^error: {setting}={value!r}: it must be ") as error:
         configurator.check_settings({setting: value})
-    configurator.check_settings({setting: {"pool": "avg", "features": "both", "mixup_mode": "elem",
+    if setting == "head":  # the allowed values, named
+        assert str(error.value).endswith("it must be one of 'linear', 'batchnorm'")
+    configurator.check_settings({setting: {"pool": "avg", "features": "both", "mixup_mode": "elem", "head": "batchnorm",
                                       "rand_augment_interpolation": "nearest"}.get(setting, 0.5)})  # a good one passes
 
 
@@ -442,6 +484,11 @@ def test_end_to_end_probe_finetune_plot_reconstruct(pretrained, tmp_path):
     assert [(r["top1"], r["top5"]) for r in rows[2:4]] == [(r["top1"], r["top5"]) for r in rows[4:6]]
     probes = [r for r in rows if r["method"] == "linear_probe"]
     assert all(r["best_top1"] >= r["top1"] for r in probes)  # the best epoch includes the last
+    # the kept checkpoints hold no optimizer, and the k-NN figure pre-training logged for each is probe.py's
+    pre_log = [json.loads(line) for line in open(f"{pre}/log.jsonl")]
+    for epoch, knn in ((1, rows[1]), (2, rows[3])):
+        kept = load(f"{pre}/ckpt_{epoch}.pt")
+        assert "optimizer" not in kept and kept["knn_top1"] == pre_log[epoch - 1]["knn_top1"] == knn["top1"], epoch
     run(["probe.py", f"--init={pre}/ckpt_2.pt", f"--data_dir={data_dir}", f"--out_dir={tmp_path}/crop",
          "--device=cpu", "--dtype=float32", "--epochs=1", "--batch_size=8", "--eval_resize=0", "--train_crop=True"])
     assert [r["recipe"] for r in map(json.loads, open(f"{tmp_path}/crop/results.jsonl"))] == \

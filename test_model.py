@@ -5,6 +5,7 @@ Run with `python test_model.py` or pytest.
 """
 import collections
 import math
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import runtime
-from model import MAE, Classifier, ViTConfig, patchify, random_masking, sincos_pos_embed, unpatchify
+from configurator import check_settings
+from reconstruct import pictures
+from model import (MAE, Classifier, ViTConfig, classifier_head, param_groups, patchify, random_masking,
+                   sincos_pos_embed, unpatchify)
 
 SMALL = ViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0,
                   decoder_embed_dim=16, decoder_depth=2, decoder_num_heads=2)
@@ -213,11 +217,11 @@ def test_reconstruction_does_not_leak_hidden_patches():
     model = MAE(SMALL).eval()
     imgs = torch.randn(2, 3, 16, 16)
     noise = torch.rand(2, 16)
-    masked, recon, pasted = model.reconstruct(imgs, noise)
+    _, masked, recon, pasted = pictures(model, imgs, noise, 0.75)
     _, mask, _ = random_masking(noise, 0.75)
     hidden = unpatchify(mask[..., None].expand(-1, -1, 48), 4).bool()
     altered = torch.where(hidden, imgs * 10 + 3, imgs)  # change only what the model must not see
-    masked2, recon2, pasted2 = model.reconstruct(altered, noise)
+    _, masked2, recon2, pasted2 = pictures(model, altered, noise, 0.75)
     assert torch.equal(recon, recon2) and torch.equal(pasted, pasted2) and torch.equal(masked, masked2)
     assert torch.equal(pasted[~hidden], imgs[~hidden])  # visible patches pasted back unchanged
     assert torch.all(masked[hidden] == 0)
@@ -235,6 +239,38 @@ def test_classifier_takes_encoder_weights_unchanged():
         imgs = torch.randn(2, 3, 16, 16)
         assert torch.equal(clf.encoder(imgs), mae.encoder(imgs))
         assert clf(imgs).shape == (2, 10)
+
+
+def test_batchnorm_head_is_torchs_batchnorm_then_linear():
+    # the reference's classifier: the cls token, BatchNorm1d(affine=False, eps=1e-6), then the Linear; batch
+    # statistics in training, the running ones in evaluation, both as torch's own modules compute them
+    torch.manual_seed(0)
+    clf = Classifier(SMALL, num_classes=10, pool="cls", head="batchnorm")
+    norm, linear = torch.nn.BatchNorm1d(32, affine=False, eps=1e-6), torch.nn.Linear(32, 10)
+    linear.load_state_dict(clf.head[1].state_dict())
+    for training in (True, True, False):
+        clf.train(training), norm.train(training)
+        imgs = torch.randn(8, 3, 16, 16)
+        expected = linear(norm(clf.encoder(imgs)[:, 0]))
+        assert report(f"batchnorm head, training={training}", clf(imgs), expected) < 1e-6
+    assert torch.equal(clf.head[0].running_var, norm.running_var) and clf.head[0].num_batches_tracked == 2
+    assert {k for k in clf.state_dict() if k.startswith("head.")} == {
+        "head.0.running_mean", "head.0.running_var", "head.0.num_batches_tracked", "head.1.weight", "head.1.bias"}
+
+
+@pytest.mark.parametrize("model", ["mae", "classifier", "probe head"])
+def test_decay_all_puts_every_parameter_in_a_decayed_group(model):
+    model = {"mae": lambda: MAE(SMALL), "classifier": lambda: Classifier(SMALL, 10, head="batchnorm"),
+             "probe head": lambda: classifier_head(32, 10, batchnorm=True, init_std=0.01)}[model]()
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    for decay_all, layer_decay in ((True, 1.0), (True, 0.75), (False, 1.0)):
+        groups = param_groups(model, 0.05, layer_decay, decay_all)
+        decayed = {id(p) for g in groups if g["weight_decay"] == 0.05 for p in g["params"]}
+        assert sorted(id(p) for g in groups for p in g["params"]) == sorted(trained)  # each parameter once
+        if decay_all:
+            assert decayed == trained
+        else:  # the default leaves every bias undecayed (and the classifier's cls token)
+            assert decayed < trained and all(p.ndim > 1 for g in groups if g["weight_decay"] for p in g["params"])
 
 
 def test_drop_path_only_in_training():
@@ -271,12 +307,15 @@ def test_pinned_attention_kernels_run_in_each_part():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("fastest", "give 'auto', one of flash, efficient, cudnn, math, or 'encoder=NAME,decoder=NAME'"),
-    ("head=math", "give 'auto', one of flash, efficient, cudnn, math, or 'encoder=NAME,decoder=NAME'"),
+    ("fastest", "it must be 'auto', one of flash, efficient, cudnn, math, or 'encoder=NAME,decoder=NAME'"),
+    ("head=math", "it must be 'auto', one of flash, efficient, cudnn, math, or 'encoder=NAME,decoder=NAME'"),
+    ("encoder=auto", "it must be 'auto', one of flash, efficient, cudnn, math, or 'encoder=NAME,decoder=NAME'"),
     ("encoder=cudnn", "the cudnn kernel does not run on cpu in float32"),
 ])
 def test_bad_attention_setting_is_one_clear_error(spec, message):
-    with pytest.raises(SystemExit, match=f"^error: attention={spec!r}: {message}$"):
+    # a name that is not a kernel: the configurator's line; a kernel this device lacks: pin_attention's
+    with pytest.raises(SystemExit, match=f"^error: attention={re.escape(repr(spec))}: {message}$"):
+        check_settings({"attention": spec})
         runtime.pin_attention(MAE(SMALL), spec, "cpu", "float32")
 
 

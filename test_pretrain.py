@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import torch
 
 import runtime
 from configurator import configure
-from model import MAE, ViTConfig
+from model import MAE, ViTConfig, param_groups
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--patch_size=8", "--embed_dim=32", "--depth=1", "--num_heads=2", "--decoder_embed_dim=32",
@@ -87,9 +88,15 @@ def test_pretrain_writes_checkpoints_logs_and_pictures(data_dir, tmp_path):
     assert not os.path.exists(os.path.join(out, "ckpt_1.pt"))
     ckpt = load(os.path.join(out, "ckpt_3.pt"))  # weights_only=True: plain tensors and containers only
     assert ckpt["iter_num"] == 12 and ckpt["epoch"] == 3.0 and ckpt["model_args"]["embed_dim"] == 32
-    assert ckpt["config"]["batch_size"] == 8 and "state" in ckpt["optimizer"]
+    # a kept checkpoint holds the weights and the k-NN figure, not the optimizer: ckpt_last.pt is the one to resume
+    last = load(os.path.join(out, "ckpt_last.pt"))
+    assert ckpt["config"]["batch_size"] == 8 and "optimizer" not in ckpt and "state" in last["optimizer"]
+    assert os.path.getsize(os.path.join(out, "ckpt_3.pt")) <= 0.5 * os.path.getsize(os.path.join(out, "ckpt_last.pt"))
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["epoch"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
+    # the k-NN monitor measured at each kept checkpoint only (knn_every=100), and the checkpoint has the figure
+    assert [r["knn_top1"] is not None for r in log] == [False, True, True] and ckpt["knn_top1"] == log[2]["knn_top1"]
+    assert re.search(rf"k-NN top-1 {log[1]['knn_top1']:.1f}% \(20-NN, [0-9]+ s\)", result.stdout), result.stdout
     assert [r["loss"] for r in log] == pytest.approx([np.mean(steps[i:i + 4]) for i in (0, 4, 8)], abs=1e-4)
     assert [f for f in os.listdir(out) if ".tmp" in f] == []
 
@@ -107,7 +114,7 @@ def test_warmup_starts_at_lr_0_and_max_iters_stops_without_changing_the_schedule
     run([*common, f"--out_dir={tmp_path}/whole"])
     run([*common, f"--out_dir={tmp_path}/part", "--max_iters=6"])
     assert load(f"{tmp_path}/part/ckpt_last.pt")["iter_num"] == 6
-    run([*common, f"--out_dir={tmp_path}/part", "--init_from=resume", "--max_iters=0"])
+    run([*common, f"--out_dir={tmp_path}/part", "--resume=True", "--max_iters=0"])
     a, b = load(f"{tmp_path}/whole/ckpt_last.pt")["model"], load(f"{tmp_path}/part/ckpt_last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -115,12 +122,12 @@ def test_warmup_starts_at_lr_0_and_max_iters_stops_without_changing_the_schedule
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_resume_after_kill_matches_uninterrupted_run(data_dir, tmp_path, sig):
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-    run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={whole}"])
+    run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={whole}", "--save_every=1"])
     # stopped part way through the second epoch. kill -9: ckpt_last.pt is refreshed at every log point.
     # SIGTERM, Ctrl-C: never refreshed on time, so the stop's own save is the only one
     refresh = "--save_last_every_s=0" if sig == signal.SIGKILL else "--save_last_every_s=1e9"
     rest = kill_at(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={killed}", "--log_interval=1",
-                    refresh], "iter 6/12", sig)
+                    refresh, "--save_every=1"], "iter 6/12", sig)
     stopped_at = load(os.path.join(killed, "ckpt_last.pt"))["iter_num"]
     assert 4 <= stopped_at < 12  # killed within the second epoch, not at the end
     if sig != signal.SIGKILL:
@@ -128,15 +135,56 @@ def test_resume_after_kill_matches_uninterrupted_run(data_dir, tmp_path, sig):
     else:  # the log may run ahead of ckpt_last.pt, and a kill -9 can land while a line is being written
         with open(os.path.join(killed, "log.jsonl"), "a") as f:
             f.write('{"epoch": 2, "loss": 9.0}\n{"epoch": 3, "lo')
-    run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={killed}", "--init_from=resume"])
+    resumed = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={killed}", "--resume=True",
+                   "--save_every=1"])
+    first = resumed.stdout.splitlines()[0]  # a resume says where it starts
+    assert first == f"resuming {killed}/ckpt_last.pt at iteration {stopped_at}, epoch {stopped_at / 4:.1f} of 3", first
     a, b = load(os.path.join(whole, "ckpt_last.pt")), load(os.path.join(killed, "ckpt_last.pt"))
     assert a["iter_num"] == b["iter_num"] == 12
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg_sq"], b["optimizer"]["state"][0]["exp_avg_sq"])
-    log_a = [json.loads(line)["loss"] for line in open(os.path.join(whole, "log.jsonl"))]
-    log_b = [json.loads(line)["loss"] for line in open(os.path.join(killed, "log.jsonl"))]
-    assert log_a == pytest.approx(log_b, rel=1e-6)
+    log_a = [json.loads(line) for line in open(os.path.join(whole, "log.jsonl"))]
+    log_b = [json.loads(line) for line in open(os.path.join(killed, "log.jsonl"))]
+    assert [r["loss"] for r in log_a] == pytest.approx([r["loss"] for r in log_b], rel=1e-6)
+    # one k-NN figure per kept checkpoint (epoch 1 before the stop, 2 and 3 after), none repeated or lost
+    assert [(r["epoch"], r["knn_top1"]) for r in log_b] == [(r["epoch"], r["knn_top1"]) for r in log_a]
+    assert [r["epoch"] for r in log_b if r["knn_top1"] is not None] == [1, 2, 3]
+
+
+def test_ctrl_c_answers_at_once_and_a_second_one_stops_now(tmp_path):
+    # the reference model on 400 images: 50 iterations an epoch, seconds apart, and log points only at epoch ends
+    data_dir = make_data(tmp_path / "data", n_train=400)
+    common = ["pretrain.py", f"--data_dir={data_dir}", "--batch_size=8", "--epochs=2", "--warmup_epochs=1",
+              "--log_interval=1000", "--save_last_every_s=0", "--knn_every=0", "--device=cpu", "--dtype=float32",
+              "--compile=False"]
+    out = str(tmp_path / "stopped")
+    proc = subprocess.Popen([sys.executable, *common, f"--out_dir={out}"], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    for line in proc.stdout:
+        if "iter 50/100" in line:  # the first log point: ckpt_last.pt holds iteration 50
+            break
+    while not os.path.exists(f"{out}/ckpt_last.pt"):
+        time.sleep(0.1)
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    sent = time.time()
+    notice = proc.stdout.readline()
+    assert time.time() - sent < 5 and notice.startswith(f"SIGINT: saving {out}/ckpt_last.pt at iteration 100 (the "
+                                                       f"next progress line), then stopping; Ctrl-C again"), notice
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    sent = time.time()
+    rest, errors = proc.communicate(timeout=15)
+    assert time.time() - sent < 15 and proc.returncode == 128 + signal.SIGINT, (rest, errors)
+    assert rest.strip().splitlines() == [f"SIGINT again: stopped now; {out}/ckpt_last.pt holds iteration 50, continue "
+                                         f"with --resume=True"] and "Traceback" not in errors, (rest, errors)
+    assert [f for f in os.listdir(out) if ".tmp" in f] == [] and load(f"{out}/ckpt_last.pt")["iter_num"] == 50
+    # what it left resumes to the uninterrupted run, exactly
+    run([*common, f"--out_dir={out}", "--resume=True"])
+    run([*common, f"--out_dir={tmp_path}/whole"])
+    a, b = load(f"{tmp_path}/whole/ckpt_last.pt")["model"], load(f"{out}/ckpt_last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_stop_asked_at_the_last_log_point_ends_the_run_as_done(data_dir, tmp_path):
@@ -164,9 +212,10 @@ def test_torchrun_two_processes_train_as_one(data_dir, tmp_path):
     print(f"pre-training, 1 process vs 2 processes: the weights differ by {diff.norm() / change.norm():.2e} of "
           f"the second epoch's change {change.norm():.2e}")
     assert change.norm() > 1e-2 and diff.norm() < 1e-2 * change.norm()
-    # the logged loss is the whole batch's (the processes' mean), not rank 0's half
-    log_a, log_b = ([json.loads(line)["loss"] for line in open(os.path.join(d, "log.jsonl"))] for d in (one, two))
-    assert log_b == pytest.approx(log_a, rel=1e-5)
+    # the logged loss is the whole batch's (the processes' mean), not rank 0's half; the k-NN figure the same
+    log_a, log_b = ([json.loads(line) for line in open(os.path.join(d, "log.jsonl"))] for d in (one, two))
+    assert [r["loss"] for r in log_b] == pytest.approx([r["loss"] for r in log_a], rel=1e-5)
+    assert [r["knn_top1"] for r in log_b] == [r["knn_top1"] for r in log_a] and log_a[0]["knn_top1"] is not None
 
 
 def test_torchrun_processes_stop_together_on_sigterm(data_dir, tmp_path):
@@ -200,13 +249,13 @@ def test_divergence_guard_checks_the_losses_and_the_last_update():
     model, window = torch.nn.Linear(2, 2), torch.tensor([0.5, 0.25, float("inf"), 0.0])
     with pytest.raises(SystemExit, match=r"^error: loss is inf at iteration 12; p keeps the last good state "
                                          r"\(iteration 10\)$"):  # the loss of iteration 10 was finite
-        runtime.finite_losses(window, 3, 10, model, "p", 10)
-    assert runtime.finite_losses(window, 2, 10, model, "p", 10) == [0.5, 0.25]
+        runtime.checked_losses(window, 3, 10, model, "p", 10)
+    assert runtime.checked_losses(window, 2, 10, model, "p", 10) == [0.5, 0.25]
     with torch.no_grad():
         model.weight[0, 1] = float("nan")  # what an update with an infinite gradient leaves
     with pytest.raises(SystemExit, match=r"^error: the weights are not finite after iteration 12; p keeps the last "
                                          r"good state \(iteration 10\)$"):
-        runtime.finite_losses(window, 2, 10, model, "p", 10)
+        runtime.checked_losses(window, 2, 10, model, "p", 10)
 
 
 @pytest.mark.parametrize("setting, value", [("log_interval", "0"), ("save_every", "0"), ("batch_size", "0"),
@@ -228,35 +277,37 @@ def test_resume_with_other_settings_is_one_clear_line(data_dir, tmp_path):
     result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--epochs=1"], check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and "already holds a run" in lines[0], result.stderr
-    assert "--init_from=resume" in lines[0] and open(os.path.join(out, "log.jsonl")).read() == before
+    assert "--resume=True" in lines[0] and open(os.path.join(out, "log.jsonl")).read() == before
     # what the run's settings shape (weight decay, the batch) may not change; how often it logs may
     result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--epochs=1",
-                  "--init_from=resume", "--weight_decay=0.5", "--batch_size=4"], check=False)
+                  "--resume=True", "--weight_decay=0.5", "--batch_size=4"], check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert "weight_decay=0.5 (the checkpoint's: 0.15)" in lines[0] and "batch_size=4 (the checkpoint's: 8)" in lines[0]
     # the schedule's length and shape, the seed, the model: refused too (configurator.RESUME_FREE lists what is not)
     shaping = ["--epochs=2", "--warmup_epochs=0", "--seed=1", "--mask_ratio=0.5", "--depth=2", "--crop_scale=(0.5,1.0)"]
-    result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=resume", *shaping],
+    result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--resume=True", *shaping],
                  check=False)
     named = re.findall(r"[:,] (\w+)=", result.stderr)  # "...other settings: epochs=2 (the checkpoint's: 3), ..."
     assert result.returncode == 1 and sorted(named) == sorted(flag[2:].split("=")[0] for flag in shaping), result.stderr
     result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--epochs=1",
-                  "--init_from=resume", "--log_interval=3"])
+                  "--resume=True", "--log_interval=3"])
     assert "done: at iteration 4 of 4" in result.stdout  # the run had ended: nothing left to train
 
 
-def test_schedule_is_the_official_per_iteration_warmup_cosine():
+def test_schedule_is_the_official_per_iteration_warmup_cosine(data_dir, tmp_path):
+    # each epoch's log line has the lr of its last iteration, as get_lr gave it to AdamW: against the official
+    # lr_sched.adjust_learning_rate with fractional epochs (TINY: 4 iterations an epoch, 1 warm-up epoch)
     import math
-    from runtime import cosine_lr
-    lr, warmup_epochs, epochs, per_epoch = 2e-3, 20, 1200, 390
-    for it in [0, 1, 389, 7799, 7800, 7801, 200_000, 467_999]:
-        epoch = it / per_epoch  # models_mae's lr_sched.adjust_learning_rate, with fractional epochs
+    run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--epochs=4", "--warmup_epochs=2"])
+    lr, warmup_epochs, epochs = 1e-3 * 8 / 256, 2, 4
+    for row in map(json.loads, open(os.path.join(tmp_path, "log.jsonl"))):
+        epoch = (row["epoch"] * 4 - 1) / 4  # the epoch's last iteration
         if epoch < warmup_epochs:
             expected = lr * epoch / warmup_epochs
         else:
             expected = lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
-        assert cosine_lr(it, lr, warmup_epochs * per_epoch, epochs * per_epoch) == pytest.approx(expected, abs=1e-12)
+        assert row["lr"] == pytest.approx(expected, rel=1e-12), row
 
 
 def test_cuda_graph_run_state_resumes_in_a_plain_run():
@@ -298,7 +349,7 @@ def test_seed_step_draws_depend_on_seed_iteration_and_stream():
 def test_param_groups_decay_the_weight_matrices_only():
     mae = MAE(ViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16,
                         decoder_depth=1, decoder_num_heads=2))
-    decay, no_decay = runtime.param_groups(mae, 0.15)
+    decay, no_decay = param_groups(mae, 0.15)
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.15, 0.0)
     # by module type, not by shape: every bias, every LayerNorm parameter is left undecayed
     expected = {id(p) for m in mae.modules() for name, p in m.named_parameters(recurse=False)
@@ -306,6 +357,65 @@ def test_param_groups_decay_the_weight_matrices_only():
     assert {id(p) for p in no_decay["params"]} == expected
     everything = [id(p) for p in mae.parameters() if p.requires_grad]
     assert sorted(id(p) for p in decay["params"] + no_decay["params"]) == sorted(everything)  # each once
+
+
+def test_without_random_crop_the_view_is_the_image_or_its_mirror(monkeypatch):
+    # random_crop=False, as the reference's code pre-trains: each image whole, mirrored where its coin says
+    import data
+    import pretrain
+    torch.manual_seed(0)
+    model = MAE(ViTConfig(img_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
+                          decoder_depth=1, decoder_num_heads=2))
+    images = torch.randint(0, 256, (16, 64, 64, 3), dtype=torch.uint8)
+    for key, value in dict(random_crop=False, batch_size=16, patch_size=8).items():
+        monkeypatch.setattr(pretrain, key, value)
+    step = pretrain.make_step(model, torch.optim.AdamW(model.parameters()), "cpu", "float32")
+    runtime.seed_step(0, 5)
+    views, _ = step.augment(images)
+    plain = data.normalize(data.to_float(images))
+    mirrored = [torch.equal(v, torch.flip(p, dims=[2])) for v, p in zip(views, plain)]
+    unchanged = [torch.equal(v, p) for v, p in zip(views, plain)]
+    assert all(m != u for m, u in zip(mirrored, unchanged)) and 0 < sum(mirrored) < 16, (mirrored, unchanged)
+    # the default crops: not one image is left whole
+    monkeypatch.setattr(pretrain, "random_crop", True)
+    step = pretrain.make_step(model, torch.optim.AdamW(model.parameters()), "cpu", "float32")
+    runtime.seed_step(0, 5)
+    views, _ = step.augment(images)
+    assert not any(torch.equal(v, p) or torch.equal(v, torch.flip(p, dims=[2])) for v, p in zip(views, plain))
+
+
+@pytest.mark.parametrize("script", ["pretrain.py", "finetune.py", "probe.py", "reconstruct.py", "plot.py", "bench.py"])
+def test_help_lists_every_setting_with_its_default(script):
+    import importlib.util
+    from configurator import settings
+    result = run([script, "--help"])
+    spec = importlib.util.spec_from_file_location("fresh", os.path.join(HERE, script))  # the defaults, untouched
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for key, value in settings(vars(module)).items():
+        assert re.search(rf"^  --{key}={re.escape(str(value))}( |$)", result.stdout, re.MULTILINE), (key, value)
+    assert result.stdout.startswith(module.__doc__.strip()[:40]) and "python " + script in result.stdout
+    result = run([script, "--batchsize=8"], check=False)
+    assert result.returncode == 1 and result.stderr.strip().endswith("see --help"), result.stderr
+
+
+@pytest.mark.parametrize("setting, message", [("knn_k=33", "knn_k=33 neighbours among 32 training images"),
+                                              ("knn_train_images=10", "knn_k=20 neighbours among 10 training images"),
+                                              ("knn_temperature=0.0", "knn_temperature=0.0: it must be > 0")])
+def test_bad_knn_setting_is_one_line_before_training(data_dir, tmp_path, setting, message):
+    result = run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}/o", f"--{setting}"],
+                 check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr
+    assert "iter" not in result.stdout and not os.path.exists(f"{tmp_path}/o")
+
+
+def test_a_gpu_sized_run_on_a_cpu_says_so_at_start(data_dir, tmp_path):
+    # 6.4 million images to train on: a line at start (and the run goes on: killed here once it is seen)
+    rest = kill_at(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--epochs=200000"],
+                   "MAE ", signal.SIGKILL)
+    assert rest.startswith("warning: ") and "take days" in rest and "config/tin_cpu.py" in rest, rest
+    assert "take days" not in run(["pretrain.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}/b"]).stdout
 
 
 def test_configurator_rejects_unknown_keys_and_wrong_types(tmp_path):

@@ -4,8 +4,9 @@
 #   recipe (config/ft_ref.py)
 #   global average pooling + LayerNorm head, layer-wise lr decay 0.75, drop path 0.1, mixup 0.8,
 #   cutmix 1.0 (one draw per batch, timm's mode 'batch'), label smoothing 0.1, random erasing 0.25,
-#   weight decay 0.05: the official MAE fine-tuning recipe (../shared/reference.md; main_finetune.py)
-# Not yet tuned for the 7-block model: no GPU sweep has been run (see README.md, Results).
+#   weight decay 0.05 (not on biases, norms and the cls token): the official MAE fine-tuning recipe
+#   (its main_finetune.py)
+# Not yet tuned for the 7-block model: no GPU sweep has been run (README.md, Results).
 out_dir = "out/ft_tin"
 recipe = "tin"
 pool = "avg"
