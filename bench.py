@@ -77,8 +77,7 @@ def build(synthetic, dtype, compile, graphs, attention, batch, checking=False, l
         groups = param_groups(model, finetune.weight_decay, finetune.layer_decay, finetune.decay_all)
     optimizer = torch.optim.AdamW(groups, lr=lr(0), betas=(script.beta1, script.beta2),
                                   fused=device.startswith("cuda"))
-    runtime.pin_attention(model, attention, device, dtype)
-    model = runtime.wrap(model, compile, device, 1)
+    model = runtime.wrap(model, compile, device, 1, attention, dtype)
     extra = () if stage == "pretrain" else (NUM_CLASSES,)
     step = script.make_step(model, optimizer, *extra, device, dtype, compile, graphs)
 

@@ -135,13 +135,8 @@ if __name__ == "__main__":
     device, rank, world_size = runtime.setup(device, seed)
     graphs = runtime.use_cuda_graphs(cuda_graph, device, world_size)
     master = rank == 0
-    if master:
-        runtime.make_out_dir(out_dir)
-    log_path, last_path, best_path = (os.path.join(out_dir, f) for f in ("finetune_log.jsonl", "ckpt_last.pt",
-                                                                         "ckpt_best.pt"))
-    if not resume and os.path.exists(last_path):  # a fresh run would overwrite its resume point
-        raise SystemExit(f"error: {out_dir} already holds a run ({last_path}): continue it with "
-                         f"--resume=True, or give another out_dir")
+    last_path = runtime.start_out_dir(out_dir, resume, master)
+    log_path, best_path = os.path.join(out_dir, "finetune_log.jsonl"), os.path.join(out_dir, "ckpt_best.pt")
     train_images, train_labels = data.load_split(data_dir, "train", device)
     val_images, val_labels = data.load_split(data_dir, "val", device, size=train_images.shape[1])
     num_classes = data.num_classes(data_dir)
@@ -182,13 +177,11 @@ if __name__ == "__main__":
         if master:
             print(f"resuming {last_path} at iteration {iter_num}, epoch {iter_num / iters_per_epoch:.1f} of "
                   f"{epochs}")
-            runtime.truncate_log(log_path, iter_num // iters_per_epoch)
         del ckpt
-    elif master and os.path.exists(log_path):
-        os.remove(log_path)
+    if master:
+        runtime.start_log(log_path, iter_num // iters_per_epoch)
     raw_model = model
-    runtime.pin_attention(model, attention, device, dtype)
-    model = runtime.wrap(model, compile, device, world_size)
+    model = runtime.wrap(model, compile, device, world_size, attention, dtype)
     stop = runtime.StopSignal(device, master, last_path)  # Ctrl-C, SIGTERM: save, then stop
     stop.saved_iter = iter_num if resume else None
     if master:

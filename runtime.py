@@ -34,8 +34,9 @@ def setup(device, seed):
     torch.manual_seed(seed)  # the same initial weights in every process
     return device, rank, world_size
 
-def wrap(model, compile, device, world_size):
-    """The module the training step calls: compiled, and inside DDP under torchrun."""
+def wrap(model, compile, device, world_size, attention="auto", dtype="float32"):
+    """The module the training step calls: its attention kernel pinned, compiled, in DDP under torchrun."""
+    pin_attention(model, attention, device, dtype)
     model = torch.compile(model) if compile else model
     if world_size > 1:
         model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
@@ -139,6 +140,16 @@ def set_lr(optimizer, lr):
 # -----------------------------------------------------------------------------
 # files
 
+def start_out_dir(out_dir, resume, master):
+    """out_dir made by rank 0 before any work; starting afresh over a run would overwrite its resume point."""
+    last_path = os.path.join(out_dir, "ckpt_last.pt")
+    if master:
+        make_out_dir(out_dir)
+    if not resume and os.path.exists(last_path):
+        raise SystemExit(f"error: {out_dir} already holds a run ({last_path}): continue it with "
+                         f"--resume=True, or give another out_dir")
+    return last_path
+
 def make_out_dir(path):
     """Make out_dir before any work, so a path that cannot be made fails at once; the folders made here go
     again at exit if nothing was written into them (a start that failed leaves no empty folder)."""
@@ -196,8 +207,9 @@ def append_jsonl(path, *rows):
     with open(path, "a") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
-def truncate_log(path, epochs_done):
-    """Forget the log lines of the epochs a resumed run trains again, and a line a kill -9 cut short."""
+def start_log(path, epochs_done):
+    """A fresh run's log starts empty; a resumed run's forgets the lines of the epochs it trains again, and a
+    line a kill -9 cut short."""
     def epoch_of(line):
         try:
             return json.loads(line)["epoch"]
