@@ -2,7 +2,7 @@
 Pack Tiny ImageNet (200 classes of 64x64 images) into uint8 numpy arrays, once.
 
 Usage: python prepare_tin.py [--zip=FILE | --src=EXTRACTED_DIR]   # neither: downloads the zip into data/
-       python prepare_tin.py --zip=../shared/data/tiny-imagenet-200.zip --classes=10 --out=data/tin10
+       python prepare_tin.py --zip=tiny-imagenet-200.zip --classes=10 --out=data/tin10
 Writes into --out (default data/tin): {train,val}_images.npy uint8 (N,64,64,3), {train,val}_labels.npy int16
 (N,) in sorted(wnids) order, as an image-folder loader's, and meta.json. The unlabelled test/ is not used.
 """

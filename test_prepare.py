@@ -1,6 +1,7 @@
 """
 Tests for prepare_tin.py on a small generated archive in the official Tiny ImageNet
-layout, plus a quick check on the real archive when ../shared/data holds it.
+layout, plus checks on the real archive where one is at hand: the file TIN_ZIP names
+(by default data/tiny-imagenet-200.zip, where prepare_tin.py downloads it).
 Run: python -m pytest test_prepare.py -q   (or python test_prepare.py)
 """
 import hashlib
@@ -23,7 +24,7 @@ import prepare_tin
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / 'prepare_tin.py'
-REAL_ZIP = HERE.parent / 'shared' / 'data' / 'tiny-imagenet-200.zip'
+REAL_ZIP = Path(os.environ.get('TIN_ZIP', HERE / 'data' / 'tiny-imagenet-200.zip')).resolve()
 R = 'tiny-imagenet-200/'
 WNIDS = ['n01000003', 'n01000001', 'n01000002']  # unsorted on purpose: labels follow sorted ids
 CLASSES = sorted(WNIDS)
@@ -276,7 +277,7 @@ def test_errors(case, tmp_path, members):
         assert '32x32' in lines[0]
     assert leftovers(out) == ([] if case != 'out is a file' else ['out']) and not out.is_dir()
 
-@pytest.mark.skipif(not REAL_ZIP.exists(), reason='no real Tiny ImageNet zip in ../shared/data')
+@pytest.mark.skipif(not REAL_ZIP.exists(), reason='no real Tiny ImageNet zip: set TIN_ZIP')
 def test_sigterm_leaves_nothing_half_built(tmp_path):
     out = tmp_path / 'tin'
     p = subprocess.Popen([sys.executable, str(SCRIPT), f'--zip={REAL_ZIP}', f'--out={out}', '--workers=1'],
@@ -287,7 +288,7 @@ def test_sigterm_leaves_nothing_half_built(tmp_path):
     assert p.wait(timeout=60) == 128 + signal.SIGTERM, p.stderr.read()
     assert leftovers(out) == []
 
-@pytest.mark.skipif(not REAL_ZIP.exists(), reason='no real Tiny ImageNet zip in ../shared/data')
+@pytest.mark.skipif(not REAL_ZIP.exists(), reason='no real Tiny ImageNet zip: set TIN_ZIP')
 def test_ctrl_c_is_one_line_and_leaves_nothing_half_built(tmp_path):
     # a terminal's Ctrl-C reaches the whole process group, the decoding workers too: they keep quiet
     out = tmp_path / 'tin'
@@ -302,7 +303,7 @@ def test_ctrl_c_is_one_line_and_leaves_nothing_half_built(tmp_path):
 
 # -----------------------------------------------------------------------------
 
-@pytest.mark.skipif(not REAL_ZIP.exists(), reason='no real Tiny ImageNet zip in ../shared/data')
+@pytest.mark.skipif(not REAL_ZIP.exists(), reason='no real Tiny ImageNet zip: set TIN_ZIP')
 def test_real_archive(tmp_path):
     out = tmp_path / 'tin2'
     prepare_tin.main([f'--zip={REAL_ZIP}', f'--out={out}', '--classes=2'])
