@@ -43,7 +43,7 @@ def file_md5(path):
             h.update(chunk)
     return h.hexdigest()
 
-def download(url, path, md5):
+def download(url, path, md5, flags):
     if os.path.exists(path):
         if file_md5(path) == md5:
             return
@@ -68,9 +68,10 @@ def download(url, path, md5):
             raise PrepError(f'{url}: downloaded MD5 {got} is not the expected {md5}')
         os.replace(part, path)
     except OSError as e:
-        raise PrepError(f'the download of {url} failed ({getattr(e, "reason", e)}): fetch that file another '
-                        f'way, then run python prepare_tin.py --zip=PATH_TO_IT (or --src=DIR for an '
-                        f'extracted copy)') from None
+        again = ''.join(f' {flag}' for flag in flags)
+        raise PrepError(f'the download of {url} failed ({getattr(e, "reason", e)}): fetch that file '
+                        f'another way, then run: python prepare_tin.py --zip=PATH{again} (or --src=DIR for '
+                        f'an extracted copy)') from None
     finally:
         if os.path.exists(part):
             os.remove(part)
@@ -165,7 +166,7 @@ def prepare(args):
         raise PrepError(f'--workers={args.workers} must be at least 1')
     path, is_zip = args.src or args.zip or 'data/tiny-imagenet-200.zip', not args.src
     if not (args.src or args.zip):
-        download(URL, path, MD5)
+        download(URL, path, MD5, args.flags)
     out = os.path.normpath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise PrepError(f'--out={out} is a file, not a folder')
@@ -208,6 +209,7 @@ def main(argv=None):
     p.add_argument('--out', default='data/tin', help='output folder (default: data/tin)')
     p.add_argument('--workers', type=int, default=os.cpu_count(), help='decoding processes')
     args = p.parse_args(argv)
+    args.flags = sys.argv[1:] if argv is None else argv  # for the command the download's error gives
     try:
         prepare(args)
     except (PrepError, OSError) as e:

@@ -203,10 +203,11 @@ def test_a_failed_download_says_what_to_do_and_leaves_nothing(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(prepare_tin, 'URL', (tmp_path / 'nowhere' / 'tiny-imagenet-200.zip').as_uri())
     with pytest.raises(SystemExit) as e:
-        prepare_tin.main([])
+        prepare_tin.main(['--classes=3', '--out=data/tin3'])
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(lines) == 1, lines
-    assert f'the download of {prepare_tin.URL} failed' in lines[0] and '--zip=' in lines[0] and '--src=' in lines[0]
+    assert f'the download of {prepare_tin.URL} failed' in lines[0] and '--src=DIR' in lines[0]
+    assert 'then run: python prepare_tin.py --zip=PATH --classes=3 --out=data/tin3 (' in lines[0]  # its own flags
     assert list(tmp_path.iterdir()) == []  # no data/ folder, no partial archive
 
 # -----------------------------------------------------------------------------
