@@ -12,6 +12,7 @@ check_same_run keeps a resumed run on its own settings.
 """
 import ast
 import difflib
+import os
 import re
 import sys
 import traceback
@@ -28,16 +29,20 @@ def settings(namespace):
 
 def print_help(namespace):
     """The script's usage (its docstring), then its settings block with each default and comment."""
-    print(namespace["__doc__"].strip() + "\n\nsettings (config files, then --key=value, set them in order):")
+    lines = [namespace["__doc__"].strip(), "", "settings (config files, then --key=value, set them in order):"]
     known = settings(namespace)
     with open(namespace["__file__"]) as f:
         block = f.read().split("\n# " + "-" * 77 + "\n")[1]  # between the rulers
     for line in block.splitlines():
         match = re.match(r"(\w+) = .*?(?:  # (.*))?$", line)
         if match and match[1] in known:
-            print((f"  --{match[1]}={known[match[1]]}".ljust(32) + f"  {match[2] or ''}").rstrip())
+            lines.append((f"  --{match[1]}={known[match[1]]}".ljust(32) + f"  {match[2] or ''}").rstrip())
         elif line.startswith("# "):
-            print(f" {line[2:]}")
+            lines.append(f" {line[2:]}")
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:  # --help | head: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     raise SystemExit(0)
 
 def checked(key, value, known, source):

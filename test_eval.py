@@ -299,6 +299,11 @@ def test_finetune_torchrun_two_processes_train_as_one(pretrained, tmp_path):
     print(f"fine-tuning, 1 process vs 2 processes: the encoder's change differs by "
           f"{diff.norm() / change.norm():.2e} of its size {change.norm():.2e}")
     assert change.norm() > 1e-2 and diff.norm() < 1e-2 * change.norm()
+    # config/ft_ref.py's BatchNorm head: the running statistics are the whole batch's, as one process keeps them
+    for k in ("head.0.running_mean", "head.0.running_var"):
+        rel = ((a[k] - b[k]).norm() / a[k].norm()).item()
+        print(f"{k}: 1 process vs 2 processes differ by {rel:.2e} of its size")
+        assert rel < 3e-3, k  # rounding moves the encoder, so its features, by about 3e-4
 
 
 # ours, and the reference's (its BatchNorm head's running statistics must resume too)
@@ -562,15 +567,21 @@ def test_figure3_keeps_runs_apart_and_shows_a_checkpoints_latest_result():
 
 
 def test_plot_draws_every_log_and_sorts_the_table(tmp_path, monkeypatch):
+    knn = {"a": [None, 20.0], "b": [None, None, None]}  # run a measured the k-NN at its epoch 2 only
     for name, losses in (("a", [1.0, 0.8]), ("b", [0.9, 0.7, 0.6])):
         os.makedirs(tmp_path / name)
-        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps({"epoch": e + 1, "loss": v}) + "\n"
-                                                            for e, v in enumerate(losses)))
+        (tmp_path / name / "log.jsonl").write_text("".join(
+            json.dumps({"epoch": e + 1, "loss": v, "knn_top1": knn[name][e]}) + "\n" for e, v in enumerate(losses)))
     figures = []
     monkeypatch.setattr(plot, "write_png", lambda fig, path: figures.append(fig))
     plot.plot_loss([str(tmp_path / "a" / "log.jsonl"), str(tmp_path / "b" / "log.jsonl")], "unused.png")
     lines = figures[0].axes[0].get_lines()
     assert [list(line.get_ydata()) for line in lines] == [[1.0, 0.8], [0.9, 0.7, 0.6]]
+    # the k-NN panel beside it: run a's one point; none for run b
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in figures[0].axes[1].get_lines()] == \
+        [([2], [20.0])]
+    plot.plot_loss(str(tmp_path / "b" / "log.jsonl"), "unused.png")  # no k-NN figure in the log: no panel
+    assert len(figures[1].axes) == 1 and figures[1]._suptitle.get_text().endswith("b, epoch 3")
     row = lambda method, recipe, epoch: {"checkpoint": f"c{epoch}.pt", "pretrain_epoch": epoch, "method": method,
                                          "recipe": recipe, "top1": 1.0, "wall_s": 1.0, "hardware": "cpu"}
     rows = [row("linear_probe", "cls", 200), row("finetune", "tin", 100), row("linear_probe", "cls", 100),

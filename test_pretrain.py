@@ -245,6 +245,21 @@ def test_diverging_run_stops_and_says_what_ckpt_last_holds(data_dir, tmp_path, r
         assert message == "error: loss is nan at iteration 1; this run has not saved ckpt_last.pt yet", message
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_a_save_cut_short_leaves_the_earlier_file_and_no_temporary_one(tmp_path, monkeypatch, stop):
+    # a second Ctrl-C raises SystemExit wherever the loop is, in the middle of torch.save too
+    path = str(tmp_path / "ckpt_last.pt")
+    runtime.save_atomic({"iter_num": 1}, path)
+
+    def cut_short(obj, f):
+        open(f, "wb").write(b"half a checkpoint")
+        raise stop()
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(stop):
+        runtime.save_atomic({"iter_num": 2}, path)
+    assert os.listdir(tmp_path) == ["ckpt_last.pt"] and load(path) == {"iter_num": 1}
+
+
 def test_divergence_guard_checks_the_losses_and_the_last_update():
     model, window = torch.nn.Linear(2, 2), torch.tensor([0.5, 0.25, float("inf"), 0.0])
     with pytest.raises(SystemExit, match=r"^error: loss is inf at iteration 12; p keeps the last good state "
