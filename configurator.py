@@ -29,7 +29,7 @@ def settings(namespace):
 
 def print_help(namespace):
     """The script's usage (its docstring), then its settings block with each default and comment."""
-    lines = [namespace["__doc__"].strip(), "", "settings (config files, then --key=value, set them in order):"]
+    lines = [namespace["__doc__"].strip(), "", "settings (config files, then --key=value, in order):"]
     known = settings(namespace)
     with open(namespace["__file__"]) as f:
         block = f.read().split("\n# " + "-" * 77 + "\n")[1]  # between the rulers
