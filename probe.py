@@ -114,8 +114,10 @@ def knn_subset(num_images, num_train, k, seed, device):
     if not k <= n <= num_train:
         raise SystemExit(f"error: knn_k={k} neighbours among {n:,} training images: give knn_k <= the number "
                          f"of neighbours, and at most {num_train:,} of them (knn_train_images)")
-    ids = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return ids.to(device) if n < num_train else torch.arange(num_train, device=device)
+    if n == num_train:
+        return slice(None)  # a view of the training set: indexing by every id would copy it whole
+    ids = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed))[:n]
+    return ids.sort().values.to(device)
 
 def crop_features(encoder, images_u8):
     """features_of for train_head with train_crop: each step's images freshly cropped and resized
